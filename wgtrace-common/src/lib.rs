@@ -1,0 +1,180 @@
+//! Types shared by the eBPF programs and userspace, and the pure parsers both
+//! sides use. Everything here is `no_std`, `#[repr(C)]` and free of padding
+//! surprises: each struct spells its padding out so that the kernel and
+//! userspace agree byte for byte.
+#![no_std]
+
+pub mod wire;
+
+/// Address family values as the kernel uses them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Where a packet was seen relative to the device in its key.
+pub const DIR_EGRESS: u8 = 0;
+pub const DIR_INGRESS: u8 = 1;
+
+/// Kinds of records on the ring buffer. The first four bytes of every record
+/// hold one of these.
+pub const EVENT_NEW_FLOW: u32 = 1;
+pub const EVENT_HANDSHAKE: u32 = 2;
+pub const EVENT_NEW_ROUTE: u32 = 3;
+
+/// Slots of the `COUNTERS` per-CPU array.
+pub const COUNTER_EVENTS_LOST: u32 = 0;
+pub const COUNTER_READ_ERRORS: u32 = 1;
+pub const COUNTER_SLOTS: u32 = 4;
+
+/// Capacity of the per-flow maps. LRU eviction keeps memory bounded; a flow
+/// evicted and seen again is simply reported as new again.
+pub const FLOW_MAP_ENTRIES: u32 = 16384;
+pub const ROUTE_MAP_ENTRIES: u32 = 16384;
+pub const RING_BUFFER_BYTES: u32 = 1 << 20;
+
+pub const IFNAMSIZ: usize = 16;
+
+/// Kernel struct field offsets, resolved from the running kernel's BTF at load
+/// time and written into the programs' read-only data before loading. The eBPF
+/// side reads them as constants, so the verifier sees fixed offsets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    // struct flowi4
+    pub flowi4_oif: u32,
+    pub flowi4_iif: u32,
+    pub flowi4_mark: u32,
+    pub flowi4_proto: u32,
+    pub flowi4_saddr: u32,
+    pub flowi4_daddr: u32,
+    pub flowi4_sport: u32,
+    pub flowi4_dport: u32,
+    // struct flowi6
+    pub flowi6_oif: u32,
+    pub flowi6_iif: u32,
+    pub flowi6_mark: u32,
+    pub flowi6_proto: u32,
+    pub flowi6_saddr: u32,
+    pub flowi6_daddr: u32,
+    pub flowi6_sport: u32,
+    pub flowi6_dport: u32,
+    // routing results
+    pub fib_nh_common_dev: u32,
+    pub fib6_result_nh: u32,
+    pub fib6_nh_dev: u32,
+    pub fib6_table_id: u32,
+    // struct net_device / struct net
+    pub net_device_ifindex: u32,
+    pub net_device_name: u32,
+    pub net_device_net: u32,
+    pub net_inum: u32,
+    // struct sk_buff
+    pub skb_head: u32,
+    pub skb_data: u32,
+    pub skb_network_header: u32,
+    pub skb_protocol: u32,
+    pub skb_mark: u32,
+    pub skb_dev: u32,
+    // current task's network namespace, for lookups with no result device
+    pub task_nsproxy: u32,
+    pub nsproxy_net: u32,
+}
+
+/// A transport flow as seen on one device, in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Inode number of the device's network namespace.
+    pub netns: u32,
+    pub ifindex: u32,
+    pub mark: u32,
+    pub family: u16,
+    pub direction: u8,
+    pub _pad: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Ports in host byte order.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Per-CPU counters of one flow; userspace sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub last_seen_ns: u64,
+}
+
+/// A WireGuard message seen on a device: sent for the first packet of a flow
+/// and for every handshake message.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketEvent {
+    pub kind: u32,
+    pub message_type: u8,
+    pub _pad: [u8; 3],
+    pub timestamp_ns: u64,
+    pub key: FlowKey,
+    /// UDP payload length.
+    pub length: u32,
+    /// Sender index (types 1 and 2), 0 otherwise.
+    pub sender: u32,
+    /// Receiver index (types 2, 3 and 4), 0 otherwise.
+    pub receiver: u32,
+    pub ifname: [u8; IFNAMSIZ],
+    pub _pad2: u32,
+}
+
+/// One routing-table lookup for a UDP flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RouteKey {
+    pub netns: u32,
+    pub mark: u32,
+    pub table: u32,
+    pub oif: u32,
+    pub iif: u32,
+    pub family: u16,
+    pub _pad: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteStats {
+    pub lookups: u64,
+    pub last_seen_ns: u64,
+    /// Device the table pointed to (0 when the lookup failed).
+    pub result_ifindex: u32,
+    /// The lookup's error: 0, or a negative errno (e.g. -EAGAIN for "not in this table").
+    pub error: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteEvent {
+    pub kind: u32,
+    pub error: i32,
+    pub timestamp_ns: u64,
+    pub key: RouteKey,
+    pub result_ifindex: u32,
+    pub ifname: [u8; IFNAMSIZ],
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], made only of integers and byte
+    // arrays, with explicit padding, so any bit pattern is valid.
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowStats {}
+    unsafe impl aya::Pod for RouteKey {}
+    unsafe impl aya::Pod for RouteStats {}
+}

@@ -1,0 +1,12 @@
+//! Builds the eBPF programs (wgtrace-ebpf) for bpfel-unknown-none on the
+//! nightly toolchain with bpf-linker, and leaves the object in OUT_DIR, where
+//! `include_bytes_aligned!` picks it up.
+fn main() -> anyhow::Result<()> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let ebpf_dir = std::path::Path::new(&manifest_dir).join("../wgtrace-ebpf");
+    let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
+    aya_build::build_ebpf(
+        [aya_build::Package { name: "wgtrace-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        aya_build::Toolchain::default(),
+    )
+}

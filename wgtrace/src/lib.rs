@@ -1,0 +1,13 @@
+//! wgtrace: where each WireGuard tunnel's encrypted packets really go.
+//!
+//! * [`probes`]: loading, attaching and reading the eBPF programs (BTF offsets).
+//! * [`topology`]: namespaces, interfaces, rules, WireGuard configuration.
+//! * [`correlation`]: from recorded packets to verdicts and fixes.
+//! * [`report`]: terminal and JSON output.
+//! * [`run`]: the `wgtrace run` command that ties them together.
+
+pub mod correlation;
+pub mod probes;
+pub mod report;
+pub mod run;
+pub mod topology;

@@ -1,0 +1,91 @@
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use wgtrace::{
+    run::{RunOptions, run},
+    topology::Scope,
+};
+
+/// Shows where each WireGuard tunnel's encrypted packets really go, and what
+/// that costs.
+///
+/// wgtrace watches real packets with eBPF: for every tunnel it reports the
+/// interface its encrypted UDP transport leaves through, with which mark and
+/// routing table, and tells when one tunnel is silently nested inside another
+/// (for example a split tunnel captured by a full tunnel's default route),
+/// with the FwMark that fixes it, verified against the kernel's routing.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Trace tunnels until Ctrl-C, SIGTERM or --duration, then print a report.
+    #[command(after_help = "\
+Examples:
+  sudo wgtrace run                      live view of every tunnel in every namespace
+  sudo wgtrace run --duration 10        trace 10 s, then print the report
+  sudo wgtrace run --duration 5 --json  machine-readable report on stdout (logs on stderr)
+  sudo wgtrace run --netns blue         only tunnels in `ip netns` namespace blue")]
+    Run {
+        /// Stop after this many seconds (default: run until Ctrl-C or SIGTERM).
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<f64>,
+        /// Refresh the live view this often.
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        interval: f64,
+        /// Print the final report as one JSON document on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Only tunnels in this named network namespace (`ip netns list`).
+        #[arg(long, value_name = "NAME", conflicts_with = "current_netns")]
+        netns: Option<String>,
+        /// Only tunnels in wgtrace's own network namespace.
+        #[arg(long)]
+        current_netns: bool,
+        /// More detail on stderr (repeat for debug output).
+        #[arg(short, long, action = clap::ArgAction::Count)]
+        verbose: u8,
+    },
+}
+
+fn seconds(value: f64, what: &str) -> Result<Duration> {
+    anyhow::ensure!(value.is_finite() && value > 0.0, "--{what} must be a positive number of seconds, not {value}");
+    Ok(Duration::from_secs_f64(value))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let Command::Run { duration, interval, json, netns, current_netns, verbose } = cli.command;
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    let result = (|| -> Result<()> {
+        let options = RunOptions {
+            duration: duration.map(|d| seconds(d, "duration")).transpose()?,
+            interval: seconds(interval, "interval")?,
+            json,
+            scope: match (netns, current_netns) {
+                (Some(name), _) => Scope::Named(name),
+                (None, true) => Scope::Current,
+                (None, false) => Scope::All,
+            },
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        runtime.block_on(run(options))
+    })();
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("wgtrace: error: {err:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

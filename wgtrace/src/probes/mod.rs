@@ -1,0 +1,238 @@
+//! Loading and attaching the eBPF programs, and reading what they record.
+//!
+//! All links are owned by file descriptors held in [`Tracer`]: dropping it,
+//! exiting, or being killed detaches everything, and nothing is pinned.
+
+pub mod btf;
+pub mod offsets;
+
+use std::{collections::HashMap, io};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::BtfTracePoint,
+};
+use wgtrace_common::{
+    COUNTER_EVENTS_LOST, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, FlowKey, FlowStats,
+    PacketEvent, RouteEvent, RouteKey, RouteStats,
+};
+
+/// A hook wgtrace wants, and what it is for when it is missing.
+struct Hook {
+    program: &'static str,
+    tracepoint: &'static str,
+    required: bool,
+    purpose: &'static str,
+}
+
+const HOOKS: &[Hook] = &[
+    Hook { program: "net_dev_start_xmit", tracepoint: "net_dev_start_xmit", required: true, purpose: "which device each tunnel's encrypted packets leave through" },
+    Hook { program: "netif_receive_skb", tracepoint: "netif_receive_skb", required: false, purpose: "received transport packets" },
+    Hook { program: "fib_table_lookup", tracepoint: "fib_table_lookup", required: false, purpose: "IPv4 routing decisions (mark and table)" },
+    Hook { program: "fib6_table_lookup", tracepoint: "fib6_table_lookup", required: false, purpose: "IPv6 routing decisions (mark and table)" },
+];
+
+/// Whether each hook is active, and why not.
+#[derive(Clone, Debug)]
+pub struct HookStatus {
+    pub name: &'static str,
+    pub active: bool,
+    pub detail: String,
+}
+
+/// A decoded ring-buffer record.
+#[derive(Clone, Copy, Debug)]
+pub enum Event {
+    Packet(PacketEvent),
+    Route(RouteEvent),
+}
+
+pub struct Tracer {
+    ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    pub hooks: Vec<HookStatus>,
+}
+
+impl Tracer {
+    pub fn start() -> Result<Self> {
+        check_privileges()?;
+        raise_memlock_limit();
+        let btf = btf::Btf::from_sys_fs()?;
+        let kernel_offsets = offsets::resolve(&btf)?;
+        let aya_btf = aya::Btf::from_sys_fs().context("loading the kernel's BTF for aya")?;
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&aya_btf))
+            .override_global("KERNEL_OFFSETS", &kernel_offsets, true)
+            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wgtrace")))
+            .map_err(explain_load_error)?;
+
+        let mut hooks = Vec::new();
+        for hook in HOOKS {
+            let status = if !btf.has_tracepoint(hook.tracepoint) {
+                Err(anyhow::anyhow!("this kernel has no BTF tracepoint {} (needs Linux 5.5+ with BTF)", hook.tracepoint))
+            } else {
+                attach(&mut ebpf, hook, &aya_btf)
+            };
+            match status {
+                Ok(()) => hooks.push(HookStatus { name: hook.program, active: true, detail: hook.purpose.to_owned() }),
+                Err(err) if hook.required => {
+                    return Err(err.context(format!("attaching {}, needed for {}", hook.program, hook.purpose)));
+                }
+                Err(err) => {
+                    log::warn!("{} unavailable, so no {}: {err:#}", hook.program, hook.purpose);
+                    hooks.push(HookStatus { name: hook.program, active: false, detail: format!("{err:#}") });
+                }
+            }
+        }
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
+        Ok(Self { ebpf, events, hooks })
+    }
+
+    /// Drains the ring buffer.
+    pub fn drain_events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(record) = self.events.next() {
+            if let Some(event) = decode(&record) {
+                out.push(event);
+            }
+        }
+        out
+    }
+
+    pub fn events_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd as _;
+        self.events.as_raw_fd()
+    }
+
+    /// Per-flow counters, summed over CPUs.
+    pub fn flows(&self) -> Result<HashMap<FlowKey, FlowStats>> {
+        let map: PerCpuHashMap<_, FlowKey, FlowStats> =
+            PerCpuHashMap::try_from(self.ebpf.map("FLOWS").context("FLOWS map missing")?)?;
+        let mut out = HashMap::new();
+        for entry in map.iter() {
+            // An entry evicted while iterating is simply skipped.
+            let Ok((key, per_cpu)) = entry else { continue };
+            let mut total = FlowStats::default();
+            for stats in per_cpu.iter() {
+                total.packets += stats.packets;
+                total.bytes += stats.bytes;
+                total.last_seen_ns = total.last_seen_ns.max(stats.last_seen_ns);
+            }
+            out.insert(key, total);
+        }
+        Ok(out)
+    }
+
+    /// Routing-table lookups per (flow, mark, table), summed over CPUs.
+    pub fn routes(&self) -> Result<HashMap<RouteKey, RouteStats>> {
+        let map: PerCpuHashMap<_, RouteKey, RouteStats> =
+            PerCpuHashMap::try_from(self.ebpf.map("ROUTES").context("ROUTES map missing")?)?;
+        let mut out = HashMap::new();
+        for entry in map.iter() {
+            let Ok((key, per_cpu)) = entry else { continue };
+            let mut total = RouteStats::default();
+            for stats in per_cpu.iter() {
+                total.lookups += stats.lookups;
+                if stats.last_seen_ns >= total.last_seen_ns {
+                    total.last_seen_ns = stats.last_seen_ns;
+                }
+                if stats.lookups > 0 {
+                    total.result_ifindex = stats.result_ifindex;
+                    total.error = stats.error;
+                }
+            }
+            out.insert(key, total);
+        }
+        Ok(out)
+    }
+
+    /// Events the kernel side could not deliver (ring buffer full).
+    pub fn events_lost(&self) -> Result<u64> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
+        Ok(map.get(&COUNTER_EVENTS_LOST, 0)?.iter().sum())
+    }
+}
+
+fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: &aya::Btf) -> Result<()> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(hook.program)
+        .with_context(|| format!("program {} missing from the object", hook.program))?
+        .try_into()?;
+    program.load(hook.tracepoint, btf).map_err(|e| anyhow::anyhow!(e)).context("the verifier or kernel refused the program")?;
+    program.attach().context("attaching")?;
+    Ok(())
+}
+
+fn decode(record: &[u8]) -> Option<Event> {
+    let kind = u32::from_ne_bytes(record.get(0..4)?.try_into().ok()?);
+    // SAFETY: both event types are plain-old-data #[repr(C)] structs; the
+    // length is checked and the read is unaligned-safe.
+    unsafe {
+        match kind {
+            EVENT_NEW_FLOW | EVENT_HANDSHAKE if record.len() >= size_of::<PacketEvent>() => {
+                Some(Event::Packet(std::ptr::read_unaligned(record.as_ptr().cast())))
+            }
+            EVENT_NEW_ROUTE if record.len() >= size_of::<RouteEvent>() => {
+                Some(Event::Route(std::ptr::read_unaligned(record.as_ptr().cast())))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn check_privileges() -> Result<()> {
+    // Effective capabilities from /proc: CAP_NET_ADMIN(12), CAP_SYS_ADMIN(21),
+    // CAP_PERFMON(38), CAP_BPF(39).
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |bit: u32| effective & (1 << bit) != 0;
+    let mut missing = Vec::new();
+    if !(has(39) || has(21)) {
+        missing.push("CAP_BPF");
+    }
+    if !(has(38) || has(21)) {
+        missing.push("CAP_PERFMON");
+    }
+    if !has(12) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(21) {
+        // Entering other namespaces (setns) needs CAP_SYS_ADMIN.
+        missing.push("CAP_SYS_ADMIN");
+    }
+    if !missing.is_empty() {
+        bail!(
+            "wgtrace run needs {} to load eBPF programs and read every namespace. Run it as root (sudo wgtrace run), \
+             or try `wgtrace check`, which needs no eBPF.",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK. Raising it can fail
+/// with EPERM in containers; on newer kernels that is harmless, so it is only
+/// logged.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK ({}); fine on Linux 5.11+", io::Error::last_os_error());
+    }
+}
+
+fn explain_load_error(err: aya::EbpfError) -> anyhow::Error {
+    let text = format!("{err:#}");
+    let hint = if text.contains("Operation not permitted") || text.contains("EPERM") {
+        " (the kernel refused BPF: missing CAP_BPF, kernel.unprivileged_bpf_disabled, lockdown, or a seccomp filter)"
+    } else {
+        ""
+    };
+    anyhow::anyhow!("loading wgtrace's eBPF programs failed: {text}{hint}")
+}

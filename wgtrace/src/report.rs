@@ -1,0 +1,97 @@
+//! Rendering: the live view, the final human report, and the JSON document.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::{correlation::TunnelReport, probes::HookStatus, topology::netlink::table_name};
+
+/// The final report; its JSON form is a documented contract (docs/json.md).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub tunnels: Vec<TunnelReport>,
+    pub events_lost: u64,
+    /// Routing-table lookups of UDP flows per (mark, table).
+    pub route_lookups: Vec<RouteLookups>,
+    pub duration_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RouteLookups {
+    pub mark: u32,
+    pub table: u32,
+    pub lookups: u64,
+}
+
+pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
+    let mut out = String::new();
+    let inactive: Vec<_> = hooks.iter().filter(|h| !h.active).collect();
+    for hook in inactive {
+        let _ = writeln!(out, "note: hook {} inactive: {}", hook.name, hook.detail);
+    }
+    if report.tunnels.is_empty() {
+        out.push_str("No WireGuard tunnels found in any network namespace.\n");
+    }
+    let mut last_netns = None;
+    for tunnel in &report.tunnels {
+        if last_netns != Some(&tunnel.netns) {
+            let _ = writeln!(out, "netns {}", tunnel.netns);
+            last_netns = Some(&tunnel.netns);
+        }
+        let config = match (tunnel.listen_port, tunnel.fwmark) {
+            (Some(port), Some(mark)) => format!("port {port}, fwmark {}", if mark == 0 { "off".into() } else { format!("{mark} ({mark:#x})") }),
+            _ => "configuration unreadable".into(),
+        };
+        let _ = writeln!(out, "  {} ({:?}, {config})", tunnel.interface, tunnel.implementation);
+        for peer in &tunnel.peers {
+            let endpoint = peer.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "no endpoint".into());
+            let key: String = peer.public_key.chars().take(8).collect();
+            let _ = write!(out, "    peer {key}… → {endpoint}: ");
+            match &peer.transport {
+                None => out.push_str("no transport packets seen yet\n"),
+                Some(t) => {
+                    let table = t.route_table.map(table_name).unwrap_or_else(|| "?".into());
+                    let _ = writeln!(
+                        out,
+                        "leaves via {} (mark {:#x}, table {table}), {} packets",
+                        t.egress_interface, t.mark, t.packets
+                    );
+                    if let Some(rule) = &t.rule {
+                        let _ = writeln!(out, "      rule: {rule}");
+                    }
+                }
+            }
+            match (&peer.nested_in, peer.nesting) {
+                (Some(_), Some(nesting)) => {
+                    let mut chain = vec![tunnel.interface.clone()];
+                    chain.extend(peer.chain.iter().cloned());
+                    let _ = writeln!(out, "      NESTED ({nesting:?}): {}", chain.join(" inside "));
+                }
+                _ if peer.transport.is_some() => out.push_str("      direct: not inside another tunnel\n"),
+                _ => {}
+            }
+            if let Some(why) = &peer.explanation {
+                let _ = writeln!(out, "      why: {why}");
+            }
+            if let Some(fix) = &peer.fix_details {
+                let _ = writeln!(out, "      fix: {}", fix.wg_quick);
+                let _ = writeln!(out, "           now: {}", fix.wg_set);
+                let _ = writeln!(out, "           systemd-networkd: {}", fix.systemd_networkd);
+                let _ = writeln!(out, "           NetworkManager: {}", fix.network_manager);
+                let _ = writeln!(out, "           verified: would leave via {}", fix.verified_egress_interface);
+            }
+        }
+    }
+    if !report.route_lookups.is_empty() {
+        out.push_str("UDP routing lookups (mark, table): ");
+        let parts: Vec<String> = report
+            .route_lookups
+            .iter()
+            .map(|r| format!("{:#x}/{}={}", r.mark, table_name(r.table), r.lookups))
+            .collect();
+        out.push_str(&parts.join(", "));
+        out.push('\n');
+    }
+    let _ = writeln!(out, "events lost: {}", report.events_lost);
+    out
+}

@@ -1,0 +1,246 @@
+//! What exists on the host: network namespaces, their interfaces and policy
+//! rules, and every WireGuard tunnel with its configuration.
+//!
+//! Userspace implementations (wireguard-go, boringtun) are found through the
+//! TUN device they hold open (`/proc/PID/fdinfo` names it) and queried over
+//! their UAPI socket in their own mount namespace. Kernel WireGuard devices
+//! are recognised by their rtnetlink kind.
+
+pub mod netlink;
+pub mod netns;
+pub mod uapi;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use netlink::{Link, Rule};
+pub use netns::Netns;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Base64, as `wg` prints it.
+    pub public_key: String,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<(IpAddr, u8)>,
+    pub last_handshake_sec: u64,
+}
+
+/// A WireGuard device's configuration, without its private key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Device {
+    pub listen_port: u16,
+    pub fwmark: u32,
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Implementation {
+    Kernel,
+    Userspace,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tunnel {
+    pub netns: u64,
+    pub netns_label: String,
+    pub interface: String,
+    pub ifindex: u32,
+    pub implementation: Implementation,
+    /// Userspace daemon, when there is one.
+    pub daemon_pid: Option<u32>,
+    /// None when the configuration could not be read (the reason is logged).
+    pub device: Option<Device>,
+}
+
+/// One namespace's interfaces and rules.
+#[derive(Clone, Debug, Default)]
+pub struct Namespace {
+    pub label: String,
+    pub links: Vec<Link>,
+    pub rules_v4: Vec<Rule>,
+    pub rules_v6: Vec<Rule>,
+    pub handle: PathBuf,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Topology {
+    pub own_netns: u64,
+    pub namespaces: BTreeMap<u64, Namespace>,
+    pub tunnels: Vec<Tunnel>,
+}
+
+/// Which namespaces to look at.
+#[derive(Clone, Debug, Default)]
+pub enum Scope {
+    #[default]
+    All,
+    Named(String),
+    Current,
+}
+
+impl Topology {
+    pub fn discover(scope: &Scope) -> Result<Self> {
+        let own_netns = netns::own_inode()?;
+        let mut candidates = netns::discover();
+        match scope {
+            Scope::All => {}
+            Scope::Current => candidates.retain(|inode, _| *inode == own_netns),
+            Scope::Named(name) => {
+                candidates.retain(|_, ns| ns.name.as_deref() == Some(name));
+                anyhow::ensure!(!candidates.is_empty(), "no network namespace named {name} (see `ip netns list`)");
+            }
+        }
+        let daemons = userspace_daemons();
+        let mut topology = Topology { own_netns, ..Self::default() };
+        for (inode, ns) in candidates {
+            let label = ns.label(own_netns);
+            let handle = ns.handle.clone();
+            // A namespace can vanish between listing and entering it: that is
+            // normal operation, so it is skipped quietly.
+            let Ok((links, rules_v4, rules_v6)) = netns::run_in(&ns.handle, || {
+                let mut socket = netlink::Socket::route()?;
+                Ok((socket.links()?, socket.rules(netlink::AF_INET)?, socket.rules(netlink::AF_INET6)?))
+            }) else {
+                continue;
+            };
+            for link in &links {
+                let daemon = daemons.get(&(inode, link.name.clone())).copied();
+                let implementation = match (&link.kind, daemon) {
+                    (Some(kind), _) if kind == "wireguard" => Implementation::Kernel,
+                    (_, Some(_)) => Implementation::Userspace,
+                    _ => continue,
+                };
+                let device = match (&implementation, daemon) {
+                    (Implementation::Userspace, Some(pid)) => read_userspace_device(pid, &link.name),
+                    _ => Err(anyhow::anyhow!("reading kernel WireGuard devices over generic netlink is not implemented yet")),
+                };
+                let device = match device {
+                    Ok(device) => Some(device),
+                    Err(err) => {
+                        log::warn!("{label}/{}: {err:#}", link.name);
+                        None
+                    }
+                };
+                topology.tunnels.push(Tunnel {
+                    netns: inode,
+                    netns_label: label.clone(),
+                    interface: link.name.clone(),
+                    ifindex: link.index,
+                    implementation,
+                    daemon_pid: daemon,
+                    device,
+                });
+            }
+            topology.namespaces.insert(inode, Namespace { label, links, rules_v4, rules_v6, handle });
+        }
+        topology.tunnels.sort_by(|a, b| (&a.netns_label, &a.interface).cmp(&(&b.netns_label, &b.interface)));
+        Ok(topology)
+    }
+
+    pub fn tunnel_on_port(&self, netns: u64, port: u16) -> Option<&Tunnel> {
+        self.tunnels.iter().find(|t| t.netns == netns && t.device.as_ref().is_some_and(|d| d.listen_port == port))
+    }
+
+    pub fn tunnel_on_ifindex(&self, netns: u64, ifindex: u32) -> Option<&Tunnel> {
+        self.tunnels.iter().find(|t| t.netns == netns && t.ifindex == ifindex)
+    }
+
+    pub fn link_name(&self, netns: u64, ifindex: u32) -> Option<&str> {
+        self.namespaces.get(&netns)?.links.iter().find(|l| l.index == ifindex).map(|l| l.name.as_str())
+    }
+
+    pub fn netns_label(&self, netns: u64) -> String {
+        self.namespaces.get(&netns).map(|n| n.label.clone()).unwrap_or_else(|| format!("netns:{netns}"))
+    }
+
+    /// Asks the kernel, inside `netns`, where a UDP packet would go.
+    pub fn route_get(&self, netns: u64, query: netlink::UdpQuery) -> Result<netlink::RouteAnswer> {
+        let handle = self.namespaces.get(&netns).context("namespace vanished")?.handle.clone();
+        netns::run_in(&handle, move || netlink::Socket::route()?.route_get(&query))
+    }
+}
+
+fn read_userspace_device(pid: u32, interface: &str) -> Result<Device> {
+    let socket = uapi::socket_path(pid, interface)
+        .with_context(|| format!("no UAPI socket for {interface} under /proc/{pid}/root/run/wireguard"))?;
+    uapi::get(&socket)
+}
+
+/// (netns inode, interface name) -> PID of the process holding that TUN
+/// device: userspace WireGuard daemons (and any other TUN user, which the
+/// UAPI socket check then filters out).
+fn userspace_daemons() -> HashMap<(u64, String), u32> {
+    let mut daemons = HashMap::new();
+    for pid in netns::pids() {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for fd in fds.flatten() {
+            if fs::read_link(fd.path()).ok().as_deref() != Some(std::path::Path::new("/dev/net/tun")) {
+                continue;
+            }
+            let fdinfo = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()));
+            let Some(interface) = fdinfo.ok().and_then(|info| {
+                info.lines().find_map(|l| l.strip_prefix("iff:").map(|v| v.trim().to_owned()))
+            }) else {
+                continue;
+            };
+            if uapi::socket_path(pid, &interface).is_none() {
+                continue;
+            }
+            if let Ok(inode) = netns::inode_of(&PathBuf::from(format!("/proc/{pid}/ns/net"))) {
+                daemons.insert((inode, interface), pid);
+            }
+        }
+    }
+    daemons
+}
+
+/// Parses `ADDR/LEN` (or a bare address, as a host prefix).
+pub fn parse_prefix(text: &str) -> Result<(IpAddr, u8)> {
+    let (address, length) = match text.split_once('/') {
+        Some((a, l)) => (a.parse::<IpAddr>()?, Some(l.parse::<u8>()?)),
+        None => (text.parse::<IpAddr>()?, None),
+    };
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    let length = length.unwrap_or(max);
+    anyhow::ensure!(length <= max, "prefix length {length} is too long for {address}");
+    Ok((address, length))
+}
+
+pub fn prefix_contains(network: IpAddr, length: u8, address: IpAddr) -> bool {
+    match (network, address) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let mask = if length == 0 { 0 } else { u32::MAX << (32 - length.min(32)) };
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let mask = if length == 0 { 0 } else { u128::MAX << (128 - length.min(128)) };
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(parse_prefix("203.0.113.0/24").unwrap(), ("203.0.113.0".parse().unwrap(), 24));
+        assert_eq!(parse_prefix("2001:db8::1").unwrap().1, 128);
+        assert!(parse_prefix("10.0.0.0/33").is_err());
+        let net: IpAddr = "203.0.113.0".parse().unwrap();
+        assert!(prefix_contains(net, 24, "203.0.113.9".parse().unwrap()));
+        assert!(!prefix_contains(net, 24, "203.0.114.9".parse().unwrap()));
+        assert!(prefix_contains("0.0.0.0".parse().unwrap(), 0, "198.51.100.1".parse().unwrap()));
+        assert!(!prefix_contains(net, 0, "2001:db8::1".parse().unwrap()), "families never match");
+    }
+}
