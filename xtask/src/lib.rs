@@ -1,0 +1,8 @@
+//! Developer tasks for wgtrace (`cargo xtask ...`): toolchain setup, the
+//! nesting lab, and the commands the README's quick start runs. The
+//! integration tests use the lab through this library.
+
+pub mod cmd;
+pub mod delay;
+pub mod lab;
+pub mod setup;

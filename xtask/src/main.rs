@@ -1,1 +1,175 @@
-fn main() {}
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use xtask::{cmd, lab, setup};
+
+/// Developer tasks for wgtrace.
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing to build and test wgtrace (Debian/Ubuntu, as root).
+    Setup,
+    /// Set up, build, and run wgtrace: on this host's tunnels if it has any,
+    /// else on the built-in lab, before and after the fix.
+    Run {
+        /// Arguments passed to `wgtrace run` when tracing this host's own tunnels.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run every test (eBPF and lab tests need root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The nesting lab: wg1 silently inside wg0, in network namespaces.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
+    /// (internal) The lab's delay line; started by `lab up`.
+    #[command(hide = true)]
+    DelayLine {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        delay_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Build the lab (removing a leftover one first).
+    Up {
+        /// One-way delay on the wg0 path, in ms (0: no delay line, for benchmarks).
+        #[arg(long, default_value_t = 20)]
+        delay_ms: u64,
+        /// Also add wg2 (nested in wg1, so wg2 → wg1 → wg0) and wg3 (IPv6 transport).
+        #[arg(long)]
+        extras: bool,
+        /// Give wg0 this FwMark and Table instead of wg-quick's 51820.
+        #[arg(long)]
+        wg0_mark: Option<u32>,
+    },
+    /// Remove everything the lab made.
+    Down,
+    /// Apply the fix: `wg set wg1 fwmark <wg0's mark>`.
+    Fix,
+    /// Undo the fix.
+    Unfix,
+    /// Show what is running and whether wg1 is fixed.
+    Status,
+    /// Ping over wg1 from the client and print the median RTT.
+    Ping,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    let status = Command::new(env!("CARGO")).args(args).current_dir(workspace_root()).status()?;
+    anyhow::ensure!(status.success(), "cargo {} failed", args.join(" "));
+    Ok(())
+}
+
+fn host_has_tunnels() -> bool {
+    let kernel = cmd::run("ip", &["-o", "link", "show", "type", "wireguard"]).is_ok_and(|o| !o.trim().is_empty());
+    let userspace = std::fs::read_dir("/run/wireguard")
+        .is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "sock")));
+    kernel || userspace
+}
+
+fn run_main_job(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    cargo(&["build", "--release", "-p", "wgtrace"])?;
+    let wgtrace = workspace_root().join("target/release/wgtrace");
+    if host_has_tunnels() && !lab::is_up() {
+        eprintln!("This host has WireGuard tunnels: tracing them (Ctrl-C for the report).");
+        let status = Command::new(&wgtrace).arg("run").args(args).status()?;
+        anyhow::ensure!(status.success(), "wgtrace failed");
+        return Ok(());
+    }
+    eprintln!("No tunnels of this host's own: building the lab (wg1 nested inside wg0, 20 ms each way on wg0's path).");
+    lab::up(&lab::LabOptions::default())?;
+    let result = (|| -> Result<()> {
+        eprintln!("\n== Broken: ping over wg1 takes {:.1} ms (median). Tracing 5 s of traffic:", lab::ping_ms(lab::WG1_REMOTE, 5)?);
+        trace_with_traffic(&wgtrace, 5)?;
+        lab::fix()?;
+        eprintln!(
+            "\n== After `wg set wg1 fwmark {}`: ping over wg1 takes {:.1} ms. Tracing again:",
+            lab::FULL_TUNNEL_MARK,
+            lab::ping_ms(lab::WG1_REMOTE, 5)?
+        );
+        trace_with_traffic(&wgtrace, 3)
+    })();
+    lab::down()?;
+    result
+}
+
+fn trace_with_traffic(wgtrace: &Path, seconds: u32) -> Result<()> {
+    let count = (seconds * 5).to_string();
+    let mut traffic = Command::new("ip")
+        .args(["netns", "exec", lab::CLIENT, "ping", "-q", "-i", "0.2", "-c", &count, lab::WG1_REMOTE])
+        .stdout(Stdio::null())
+        .spawn()?;
+    let status = Command::new(wgtrace).args(["run", "--duration", &seconds.to_string()]).status();
+    let _ = traffic.kill();
+    let _ = traffic.wait();
+    anyhow::ensure!(status?.success(), "wgtrace run failed");
+    Ok(())
+}
+
+fn run_tests(args: &[String]) -> Result<()> {
+    setup::setup()?;
+    cargo(&["build", "-p", "wgtrace"])?;
+    let wgtrace = workspace_root().join("target/debug/wgtrace");
+    let mut command = Command::new(env!("CARGO"));
+    command.arg("test").args(args).current_dir(workspace_root()).env("WGTRACE_BIN", &wgtrace);
+    let status = command.status().context("running cargo test")?;
+    if !status.success() {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::setup(),
+        Task::Run { args } => run_main_job(&args),
+        Task::Test { args } => run_tests(&args),
+        Task::Lab { action } => match action {
+            LabAction::Up { delay_ms, extras, wg0_mark } => {
+                lab::up(&lab::LabOptions { delay_ms, extras, wg0_mark })?;
+                print!("{}", lab::status()?);
+                Ok(())
+            }
+            LabAction::Down => lab::down(),
+            LabAction::Fix => lab::fix(),
+            LabAction::Unfix => lab::unfix(),
+            LabAction::Status => {
+                print!("{}", lab::status()?);
+                Ok(())
+            }
+            LabAction::Ping => {
+                println!("wg1 RTT: {:.2} ms (median of 10)", lab::ping_ms(lab::WG1_REMOTE, 10)?);
+                Ok(())
+            }
+        },
+        Task::DelayLine { netns, device, delay_ms } => {
+            xtask::delay::serve(&netns, &device, Duration::from_millis(delay_ms))
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! `cargo xtask setup`: installs what building and testing wgtrace needs,
+//! and only what is missing, so it is fast when everything is there.
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cmd::{have, output, run};
+
+/// Debian packages, with the command that shows each is present.
+const PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
+    ("wireguard-tools", "/usr/bin/wg-quick"),
+    ("wireguard-go", "/usr/bin/wireguard-go"),
+    ("iproute2", "/usr/sbin/ip"),
+    ("nftables", "/usr/sbin/nft"),
+    ("iptables", "/usr/sbin/iptables"),
+    ("iputils-ping", "/usr/bin/ping"),
+    ("bpftool", "/usr/sbin/bpftool"),
+    ("util-linux", "/usr/bin/nsenter"),
+    ("iperf3", "/usr/bin/iperf3"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn setup() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, probe)| !Path::new(probe).exists()).map(|(p, _)| *p).collect();
+    if !missing.is_empty() {
+        let is_root = unsafe { libc::geteuid() } == 0;
+        if !(is_root && have("apt-get")) {
+            bail!(
+                "missing packages: {}. Install them (Debian/Ubuntu: `sudo apt-get install {}`), or run `cargo xtask setup` as root on Debian/Ubuntu.",
+                missing.join(", "),
+                missing.join(" ")
+            );
+        }
+        eprintln!("setup: installing {}", missing.join(" "));
+        run("apt-get", &["update", "-q"])?;
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend(&missing);
+        let status = std::process::Command::new("apt-get")
+            .args(&args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        anyhow::ensure!(status.success(), "apt-get install {} failed", missing.join(" "));
+    }
+    ensure_nightly()?;
+    ensure_bpf_linker()?;
+    mount_if_missing("tracefs", "/sys/kernel/tracing")?;
+    mount_if_missing("bpf", "/sys/fs/bpf")?;
+    Ok(())
+}
+
+fn ensure_nightly() -> Result<()> {
+    let installed = run("rustup", &["+nightly", "component", "list", "--installed"]);
+    match installed {
+        Ok(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
+        Ok(_) => {
+            eprintln!("setup: adding rust-src to the nightly toolchain");
+            run("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"]).map(drop)
+        }
+        Err(_) => {
+            eprintln!("setup: installing the nightly toolchain with rust-src");
+            run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]).map(drop)
+        }
+    }
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    if let Ok(out) = output("bpf-linker", &["--version"])
+        && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)");
+    let status = std::process::Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+        .args(["--features", "llvm-22"])
+        // Without it bpf-linker's build finds LLVM 14 and fails to link.
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .status()
+        .context("running cargo install bpf-linker")?;
+    anyhow::ensure!(status.success(), "installing bpf-linker failed");
+    Ok(())
+}
+
+fn mount_if_missing(fstype: &str, target: &str) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(target)) {
+        return Ok(());
+    }
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("setup: {target} is not mounted; as root: mount -t {fstype} {fstype} {target}");
+        return Ok(());
+    }
+    run("mount", &["-t", fstype, fstype, target]).map(drop)
+}
+
+/// The lab's tools, with a pointer to `setup` when one is missing.
+pub fn ensure_lab_tools() -> Result<()> {
+    anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the lab needs root (network namespaces, wireguard-go)");
+    for tool in ["ip", "wg", "wg-quick", "wireguard-go", "nft", "ping", "nsenter"] {
+        anyhow::ensure!(have(tool), "{tool} is missing: run `cargo xtask setup`");
+    }
+    Ok(())
+}
