@@ -1,1 +1,112 @@
-//! Integration tests live in tests/tests; see the README.
+//! Helpers for wgtrace's integration tests: privilege checks that turn into
+//! failures in CI, exclusive use of the lab, and running the real binary
+//! against real traffic.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+use anyhow::{Context as _, Result};
+pub use xtask::lab;
+
+/// Whether the root/eBPF tests can run here. Outside CI they skip with a
+/// loud reason; in CI (`CI=true`) a skip is a failure.
+pub fn privileged_or_skip(test: &str) -> bool {
+    let reason = if unsafe { libc::geteuid() } != 0 {
+        Some("not running as root")
+    } else if std::env::var_os("WGTRACE_BIN").is_none() {
+        Some("WGTRACE_BIN is not set (run the tests with `cargo xtask test`)")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{test}: cannot run in CI: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("\n*** SKIPPED {test}: {reason}. These tests need root and eBPF; run `sudo cargo xtask test`. ***\n");
+            false
+        }
+    }
+}
+
+/// Holds the lab for one test; tests in other binaries wait their turn.
+pub struct LabGuard {
+    _lock: File,
+}
+
+impl LabGuard {
+    pub fn up(options: &lab::LabOptions) -> Result<Self> {
+        let lock = File::create("/run/wgtrace-lab.lock")?;
+        // SAFETY: flock on a file we own; released when it is closed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            anyhow::bail!("locking the lab: {}", std::io::Error::last_os_error());
+        }
+        lab::up(options)?;
+        Ok(Self { _lock: lock })
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Err(err) = lab::down() {
+            eprintln!("lab down failed: {err:#}");
+        }
+    }
+}
+
+pub fn wgtrace_bin() -> PathBuf {
+    PathBuf::from(std::env::var_os("WGTRACE_BIN").expect("WGTRACE_BIN"))
+}
+
+/// Pings `address` from the lab client in the background until dropped.
+pub struct Traffic(Child);
+
+impl Traffic {
+    pub fn ping(address: &str) -> Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", lab::CLIENT, "ping", "-q", "-i", "0.1", address])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting ping")?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `wgtrace run --json` for `seconds` and returns the report.
+pub fn trace_json(seconds: f64, extra: &[&str]) -> Result<serde_json::Value> {
+    let output = Command::new(wgtrace_bin())
+        .args(["run", "--json", "--duration", &seconds.to_string()])
+        .args(extra)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running wgtrace")?;
+    anyhow::ensure!(output.status.success(), "wgtrace exited with {}", output.status);
+    serde_json::from_slice(&output.stdout).context("wgtrace --json printed something that is not JSON")
+}
+
+/// The report's entry for `interface` in the lab client namespace.
+pub fn client_tunnel<'a>(report: &'a serde_json::Value, interface: &str) -> &'a serde_json::Value {
+    report["tunnels"]
+        .as_array()
+        .expect("tunnels is an array")
+        .iter()
+        .find(|t| t["netns"] == lab::CLIENT && t["interface"] == interface)
+        .unwrap_or_else(|| panic!("no {interface} in {}: {report:#}", lab::CLIENT))
+}
+
+/// The first peer of a client tunnel.
+pub fn client_peer<'a>(report: &'a serde_json::Value, interface: &str) -> &'a serde_json::Value {
+    &client_tunnel(report, interface)["peers"][0]
+}

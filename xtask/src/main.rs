@@ -62,6 +62,9 @@ enum LabAction {
         /// Give wg0 this FwMark and Table instead of wg-quick's 51820.
         #[arg(long)]
         wg0_mark: Option<u32>,
+        /// Leave out wg0, the full tunnel (only partial tunnels remain).
+        #[arg(long)]
+        no_full_tunnel: bool,
     },
     /// Remove everything the lab made.
     Down,
@@ -137,7 +140,8 @@ fn run_tests(args: &[String]) -> Result<()> {
     cargo(&["build", "-p", "wgtrace"])?;
     let wgtrace = workspace_root().join("target/debug/wgtrace");
     let mut command = Command::new(env!("CARGO"));
-    command.arg("test").args(args).current_dir(workspace_root()).env("WGTRACE_BIN", &wgtrace);
+    command.arg("test").args(args).current_dir(workspace_root()).env("WGTRACE_BIN", &wgtrace)
+        .env("WGTRACE_LAB_HELPER", std::env::current_exe()?);
     let status = command.status().context("running cargo test")?;
     if !status.success() {
         bail!("tests failed");
@@ -151,8 +155,8 @@ fn main() -> Result<()> {
         Task::Run { args } => run_main_job(&args),
         Task::Test { args } => run_tests(&args),
         Task::Lab { action } => match action {
-            LabAction::Up { delay_ms, extras, wg0_mark } => {
-                lab::up(&lab::LabOptions { delay_ms, extras, wg0_mark })?;
+            LabAction::Up { delay_ms, extras, wg0_mark, no_full_tunnel } => {
+                lab::up(&lab::LabOptions { delay_ms, extras, wg0_mark, full_tunnel: !no_full_tunnel })?;
                 print!("{}", lab::status()?);
                 Ok(())
             }

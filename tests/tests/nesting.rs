@@ -1,0 +1,145 @@
+//! `wgtrace run` on the real lab: wireguard-go tunnels in namespaces, real
+//! packets, verdicts read from the JSON report.
+
+use std::process::Command;
+
+use wgtrace_tests::{LabGuard, Traffic, client_peer, client_tunnel, lab, privileged_or_skip, trace_json};
+
+#[test]
+fn first_probe_counts_lookups_per_mark_and_table() {
+    if !privileged_or_skip("first_probe_counts_lookups_per_mark_and_table") {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions::default()).unwrap();
+    let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    let report = trace_json(3.0, &[]).unwrap();
+    let lookups = report["route_lookups"].as_array().unwrap();
+    let count = |mark: u64, table: u64| {
+        lookups.iter().filter(|r| r["mark"] == mark && r["table"] == table).map(|r| r["lookups"].as_u64().unwrap()).sum::<u64>()
+    };
+    assert!(count(51820, 254) > 0, "wg0's marked transport is routed by main: {lookups:?}");
+    assert!(count(0, 51820) > 0, "wg1's unmarked transport is routed by table 51820: {lookups:?}");
+    println!("eBPF lab test ran: lookups {lookups:?}");
+}
+
+#[test]
+fn broken_lab_shows_wg1_nested_in_wg0_and_the_fix_moves_it_out() {
+    if !privileged_or_skip("broken_lab_shows_wg1_nested_in_wg0_and_the_fix_moves_it_out") {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions::default()).unwrap();
+    {
+        let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+        let report = trace_json(3.0, &[]).unwrap();
+        let wg1 = client_peer(&report, "wg1");
+        assert_eq!(wg1["nested_in"], "wg0", "{report:#}");
+        assert_eq!(wg1["nesting"], "accidental");
+        assert_eq!(wg1["transport"]["egress_interface"], "wg0");
+        assert_eq!(wg1["transport"]["mark"], 0);
+        assert_eq!(wg1["transport"]["route_table"], 51820);
+        assert!(wg1["transport"]["packets"].as_u64().unwrap() > 0);
+        let fix = wg1["fix"].as_str().expect("a fix is suggested");
+        assert!(fix.contains("51820"), "{fix}");
+        assert_eq!(wg1["fix_details"]["wg_set"], "wg set wg1 fwmark 51820");
+        assert_eq!(wg1["fix_details"]["verified_egress_interface"], "c0");
+        let wg0 = client_peer(&report, "wg0");
+        assert!(wg0["nested_in"].is_null(), "wg0 is not nested: {wg0:#}");
+        assert_eq!(wg0["transport"]["egress_interface"], "c0");
+        assert_eq!(client_tunnel(&report, "wg0")["fwmark"], 51820);
+        assert_eq!(report["events_lost"], 0);
+    }
+    lab::fix().unwrap();
+    let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    let report = trace_json(3.0, &[]).unwrap();
+    let wg1 = client_peer(&report, "wg1");
+    assert!(wg1["nested_in"].is_null(), "fixed wg1 is direct: {wg1:#}");
+    assert!(wg1["fix"].is_null());
+    assert_eq!(wg1["transport"]["egress_interface"], "c0");
+    assert_eq!(wg1["transport"]["mark"], 51820);
+    assert_eq!(wg1["transport"]["route_table"], 254);
+}
+
+#[test]
+fn chain_and_ipv6_transport() {
+    if !privileged_or_skip("chain_and_ipv6_transport") {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions { extras: true, ..Default::default() }).unwrap();
+    let _t2 = Traffic::ping(lab::WG2_REMOTE).unwrap();
+    let _t3 = Traffic::ping(lab::WG3_REMOTE).unwrap();
+    let report = trace_json(3.0, &[]).unwrap();
+    let wg2 = client_peer(&report, "wg2");
+    assert_eq!(wg2["nested_in"], "wg1", "{report:#}");
+    assert_eq!(wg2["nesting"], "deliberate", "wg1's AllowedIPs name wg2's endpoint");
+    assert_eq!(wg2["chain"], serde_json::json!(["wg1", "wg0"]));
+    assert!(wg2["fix"].is_null(), "deliberate nesting needs no fix");
+    let wg3 = client_peer(&report, "wg3");
+    assert!(wg3["endpoint"].as_str().unwrap().starts_with("[2001:db8:"), "{wg3:#}");
+    assert_eq!(wg3["nested_in"], "wg0", "IPv6 transport captured by wg0's ::/0: {wg3:#}");
+    assert_eq!(wg3["transport"]["route_table"], 51820);
+    assert!(wg3["fix"].as_str().unwrap().contains("51820"));
+}
+
+#[test]
+fn custom_full_tunnel_mark_is_the_one_suggested() {
+    if !privileged_or_skip("custom_full_tunnel_mark_is_the_one_suggested") {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions { wg0_mark: Some(1234), ..Default::default() }).unwrap();
+    let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    let report = trace_json(3.0, &[]).unwrap();
+    let wg1 = client_peer(&report, "wg1");
+    assert_eq!(wg1["nested_in"], "wg0", "{report:#}");
+    assert_eq!(wg1["transport"]["route_table"], 1234);
+    assert_eq!(wg1["fix_details"]["mark"], 1234);
+    lab::fix().unwrap();
+    let report = trace_json(3.0, &[]).unwrap();
+    let wg1 = client_peer(&report, "wg1");
+    assert!(wg1["nested_in"].is_null(), "{wg1:#}");
+    assert_eq!(wg1["transport"]["mark"], 1234);
+}
+
+#[test]
+fn partial_tunnels_without_a_full_tunnel_get_no_verdict() {
+    if !privileged_or_skip("partial_tunnels_without_a_full_tunnel_get_no_verdict") {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions { extras: true, full_tunnel: false, ..Default::default() }).unwrap();
+    let _t1 = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    let _t3 = Traffic::ping(lab::WG3_REMOTE).unwrap();
+    let report = trace_json(3.0, &[]).unwrap();
+    for interface in ["wg1", "wg3"] {
+        let peer = client_peer(&report, interface);
+        assert!(peer["nested_in"].is_null(), "{interface}: {peer:#}");
+        assert!(peer["fix"].is_null());
+        assert_eq!(peer["transport"]["egress_interface"], "c0");
+    }
+}
+
+/// A plain UDP socket sending WireGuard-shaped packets to wg1's endpoint is
+/// not wg1: it must not make the fixed wg1 look nested.
+#[test]
+fn impostor_socket_causes_no_false_verdict() {
+    if !privileged_or_skip("impostor_socket_causes_no_false_verdict") {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions::default()).unwrap();
+    lab::fix().unwrap();
+    let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    // 148-byte handshake initiation and 64-byte data messages, unmarked, so
+    // they ride inside wg0, from a port that is not wg1's.
+    let script = format!(
+        "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         end=time.time()+4\nwhile time.time()<end:\n\
+         \x20 s.sendto(b'\\x01\\0\\0\\0'+b'\\x11'*144,('{ip}',51821))\n\
+         \x20 s.sendto(b'\\x04\\0\\0\\0'+b'\\x22'*60,('{ip}',51821))\n\
+         \x20 time.sleep(0.05)\n",
+        ip = lab::ROUTER_PUBLIC_V4
+    );
+    let mut impostor = Command::new("ip").args(["netns", "exec", lab::CLIENT, "python3", "-c", &script]).spawn().unwrap();
+    let report = trace_json(3.0, &[]).unwrap();
+    let _ = impostor.wait();
+    let wg1 = client_peer(&report, "wg1");
+    assert!(wg1["nested_in"].is_null(), "the impostor's packets are not wg1's: {wg1:#}");
+    assert_eq!(wg1["transport"]["egress_interface"], "c0");
+}
