@@ -28,7 +28,9 @@ pub fn privileged_or_skip(test: &str) -> bool {
             panic!("{test}: cannot run in CI: {reason}")
         }
         Some(reason) => {
-            eprintln!("\n*** SKIPPED {test}: {reason}. These tests need root and eBPF; run `sudo cargo xtask test`. ***\n");
+            eprintln!(
+                "\n*** SKIPPED {test}: {reason}. These tests need root and eBPF; run `sudo cargo xtask test`. ***\n"
+            );
             false
         }
     }

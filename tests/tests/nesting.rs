@@ -15,7 +15,11 @@ fn first_probe_counts_lookups_per_mark_and_table() {
     let report = trace_json(3.0, &[]).unwrap();
     let lookups = report["route_lookups"].as_array().unwrap();
     let count = |mark: u64, table: u64| {
-        lookups.iter().filter(|r| r["mark"] == mark && r["table"] == table).map(|r| r["lookups"].as_u64().unwrap()).sum::<u64>()
+        lookups
+            .iter()
+            .filter(|r| r["mark"] == mark && r["table"] == table)
+            .map(|r| r["lookups"].as_u64().unwrap())
+            .sum::<u64>()
     };
     assert!(count(51820, 254) > 0, "wg0's marked transport is routed by main: {lookups:?}");
     assert!(count(0, 51820) > 0, "wg1's unmarked transport is routed by table 51820: {lookups:?}");
@@ -136,7 +140,8 @@ fn impostor_socket_causes_no_false_verdict() {
          \x20 time.sleep(0.05)\n",
         ip = lab::ROUTER_PUBLIC_V4
     );
-    let mut impostor = Command::new("ip").args(["netns", "exec", lab::CLIENT, "python3", "-c", &script]).spawn().unwrap();
+    let mut impostor =
+        Command::new("ip").args(["netns", "exec", lab::CLIENT, "python3", "-c", &script]).spawn().unwrap();
     let report = trace_json(3.0, &[]).unwrap();
     let _ = impostor.wait();
     let wg1 = client_peer(&report, "wg1");

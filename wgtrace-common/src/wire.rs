@@ -42,9 +42,7 @@ pub fn classify(prefix: &[u8; HEADER_PREFIX_LEN], payload_len: u32) -> Option<Me
         MESSAGE_HANDSHAKE_INITIATION if payload_len == HANDSHAKE_INITIATION_LEN => (word(4), 0),
         MESSAGE_HANDSHAKE_RESPONSE if payload_len == HANDSHAKE_RESPONSE_LEN => (word(4), word(8)),
         MESSAGE_COOKIE_REPLY if payload_len == COOKIE_REPLY_LEN => (0, word(4)),
-        MESSAGE_TRANSPORT_DATA
-            if payload_len >= TRANSPORT_DATA_MIN_LEN && payload_len % 16 == 0 =>
-        {
+        MESSAGE_TRANSPORT_DATA if payload_len >= TRANSPORT_DATA_MIN_LEN && payload_len.is_multiple_of(16) => {
             (0, word(4))
         }
         _ => return None,
@@ -73,25 +71,16 @@ mod tests {
     #[test]
     fn each_type_needs_its_exact_length() {
         let init = prefix(1, 0xdead_beef, 7);
-        assert_eq!(
-            classify(&init, 148),
-            Some(Message { message_type: 1, sender: 0xdead_beef, receiver: 0 })
-        );
+        assert_eq!(classify(&init, 148), Some(Message { message_type: 1, sender: 0xdead_beef, receiver: 0 }));
         assert_eq!(classify(&init, 147), None);
         assert_eq!(classify(&init, 149), None);
 
         let resp = prefix(2, 11, 22);
-        assert_eq!(
-            classify(&resp, 92),
-            Some(Message { message_type: 2, sender: 11, receiver: 22 })
-        );
+        assert_eq!(classify(&resp, 92), Some(Message { message_type: 2, sender: 11, receiver: 22 }));
         assert_eq!(classify(&resp, 148), None);
 
         let cookie = prefix(3, 33, 0);
-        assert_eq!(
-            classify(&cookie, 64),
-            Some(Message { message_type: 3, sender: 0, receiver: 33 })
-        );
+        assert_eq!(classify(&cookie, 64), Some(Message { message_type: 3, sender: 0, receiver: 33 }));
         assert_eq!(classify(&cookie, 65), None);
     }
 

@@ -18,18 +18,15 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
-    },
+    helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::{btf_tracepoint, map},
     maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use wgtrace_common::{
-    AF_INET, AF_INET6, COUNTER_EVENTS_LOST, COUNTER_READ_ERRORS, COUNTER_SLOTS, DIR_EGRESS,
-    DIR_INGRESS, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, FLOW_MAP_ENTRIES, FlowKey,
-    FlowStats, IPPROTO_UDP, KernelOffsets, PacketEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES,
-    RouteEvent, RouteKey, RouteStats,
+    AF_INET, AF_INET6, COUNTER_EVENTS_LOST, COUNTER_READ_ERRORS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS,
+    EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, FLOW_MAP_ENTRIES, FlowKey, FlowStats, IPPROTO_UDP, KernelOffsets,
+    PacketEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -38,12 +35,10 @@ use wgtrace_common::{
 static KERNEL_OFFSETS: KernelOffsets = unsafe { core::mem::zeroed() };
 
 #[map]
-static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> =
-    LruPerCpuHashMap::with_max_entries(FLOW_MAP_ENTRIES, 0);
+static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> = LruPerCpuHashMap::with_max_entries(FLOW_MAP_ENTRIES, 0);
 
 #[map]
-static ROUTES: LruPerCpuHashMap<RouteKey, RouteStats> =
-    LruPerCpuHashMap::with_max_entries(ROUTE_MAP_ENTRIES, 0);
+static ROUTES: LruPerCpuHashMap<RouteKey, RouteStats> = LruPerCpuHashMap::with_max_entries(ROUTE_MAP_ENTRIES, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
@@ -135,11 +130,8 @@ fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let daddr: [u8; 4] = read(flow, offset!(flowi4_daddr))?;
     key.saddr[..4].copy_from_slice(&saddr);
     key.daddr[..4].copy_from_slice(&daddr);
-    let device: *const u8 = if nexthop.is_null() || error != 0 {
-        core::ptr::null()
-    } else {
-        read(nexthop, offset!(fib_nh_common_dev))?
-    };
+    let device: *const u8 =
+        if nexthop.is_null() || error != 0 { core::ptr::null() } else { read(nexthop, offset!(fib_nh_common_dev))? };
     key.netns = if device.is_null() { netns_of_current_task()? } else { netns_of_device(device)? };
     record_route(&key, device, error)
 }
@@ -174,8 +166,7 @@ fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     key.saddr = read(flow, offset!(flowi6_saddr))?;
     key.daddr = read(flow, offset!(flowi6_daddr))?;
     let nexthop: *const u8 = read(result, offset!(fib6_result_nh))?;
-    let device: *const u8 =
-        if nexthop.is_null() { core::ptr::null() } else { read(nexthop, offset!(fib6_nh_dev))? };
+    let device: *const u8 = if nexthop.is_null() { core::ptr::null() } else { read(nexthop, offset!(fib6_nh_dev))? };
     // IPv6 reports a miss as a nexthop-less result rather than an errno.
     let error = if device.is_null() { -11 } else { 0 };
     record_route(&key, device, error)

@@ -57,6 +57,15 @@ pub enum Nesting {
     Accidental,
 }
 
+impl Nesting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Deliberate => "deliberate",
+            Self::Accidental => "accidental",
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Fix {
     pub mark: u32,
@@ -103,11 +112,7 @@ pub struct Observations<'a> {
 }
 
 fn key_address(family: u16, bytes: &[u8; 16]) -> IpAddr {
-    if family == AF_INET {
-        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
-    } else {
-        IpAddr::from(*bytes)
-    }
+    if family == AF_INET { IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]) } else { IpAddr::from(*bytes) }
 }
 
 pub fn correlate(topology: &Topology, seen: &Observations, oracle: &dyn RouteOracle) -> Vec<TunnelReport> {
@@ -166,11 +171,8 @@ fn correlate_peer(
     };
     // The current path is the one seen last: after a fix, old flows linger in
     // the maps but stop being updated.
-    let Some((current, _)) = seen
-        .flows
-        .iter()
-        .filter(|(key, _)| ours(key, DIR_EGRESS))
-        .max_by_key(|(_, stats)| stats.last_seen_ns)
+    let Some((current, _)) =
+        seen.flows.iter().filter(|(key, _)| ours(key, DIR_EGRESS)).max_by_key(|(_, stats)| stats.last_seen_ns)
     else {
         return report;
     };
@@ -179,8 +181,7 @@ fn correlate_peer(
         .iter()
         .filter(|(key, _)| ours(key, DIR_EGRESS) && key.ifindex == current.ifindex && key.mark == current.mark)
         .fold((0, 0), |(p, b), (_, s)| (p + s.packets, b + s.bytes));
-    let received_packets =
-        seen.flows.iter().filter(|(key, _)| ours(key, DIR_INGRESS)).map(|(_, s)| s.packets).sum();
+    let received_packets = seen.flows.iter().filter(|(key, _)| ours(key, DIR_INGRESS)).map(|(_, s)| s.packets).sum();
 
     let query = UdpQuery {
         destination: endpoint.ip(),
@@ -191,10 +192,8 @@ fn correlate_peer(
     let kernel_answer = oracle.route_get(tunnel.netns, query).ok();
     let route_table = observed_table(seen.routes, tunnel, current, endpoint, device.listen_port)
         .or(kernel_answer.as_ref().and_then(|a| a.table));
-    let rules = topology
-        .namespaces
-        .get(&tunnel.netns)
-        .map(|ns| if endpoint.is_ipv4() { &ns.rules_v4 } else { &ns.rules_v6 });
+    let rules =
+        topology.namespaces.get(&tunnel.netns).map(|ns| if endpoint.is_ipv4() { &ns.rules_v4 } else { &ns.rules_v6 });
     let rule = route_table.and_then(|table| {
         deciding_rule(rules?, current.mark, endpoint.ip(), table, kernel_answer.as_ref().map(|a| a.prefix_len))
     });
@@ -213,7 +212,8 @@ fn correlate_peer(
         received_packets,
     });
 
-    let Some(outer) = topology.tunnel_on_ifindex(tunnel.netns, current.ifindex).filter(|o| o.interface != tunnel.interface)
+    let Some(outer) =
+        topology.tunnel_on_ifindex(tunnel.netns, current.ifindex).filter(|o| o.interface != tunnel.interface)
     else {
         return report;
     };
@@ -302,7 +302,13 @@ fn observed_table(
 
 /// The first rule that selects this packet and leads to `table`, skipping a
 /// `suppress_prefixlength` rule whose answer would have been suppressed.
-pub fn deciding_rule(rules: &[Rule], mark: u32, destination: IpAddr, table: u32, prefix_len: Option<u8>) -> Option<&Rule> {
+pub fn deciding_rule(
+    rules: &[Rule],
+    mark: u32,
+    destination: IpAddr,
+    table: u32,
+    prefix_len: Option<u8>,
+) -> Option<&Rule> {
     rules.iter().find(|rule| {
         rule.action == FR_ACT_TO_TBL
             && rule.table == table
@@ -351,7 +357,9 @@ fn find_fix(
 fn fill_chains(reports: &mut [TunnelReport]) {
     let outer_of: HashMap<(u64, String), String> = reports
         .iter()
-        .flat_map(|t| t.peers.iter().filter_map(move |p| Some(((t.netns_inode, t.interface.clone()), p.nested_in.clone()?))))
+        .flat_map(|t| {
+            t.peers.iter().filter_map(move |p| Some(((t.netns_inode, t.interface.clone()), p.nested_in.clone()?)))
+        })
         .collect();
     for tunnel in reports.iter_mut() {
         for peer in &mut tunnel.peers {

@@ -39,10 +39,12 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
             last_netns = Some(&tunnel.netns);
         }
         let config = match (tunnel.listen_port, tunnel.fwmark) {
-            (Some(port), Some(mark)) => format!("port {port}, fwmark {}", if mark == 0 { "off".into() } else { format!("{mark} ({mark:#x})") }),
+            (Some(port), Some(mark)) => {
+                format!("port {port}, fwmark {}", if mark == 0 { "off".into() } else { format!("{mark} ({mark:#x})") })
+            }
             _ => "configuration unreadable".into(),
         };
-        let _ = writeln!(out, "  {} ({:?}, {config})", tunnel.interface, tunnel.implementation);
+        let _ = writeln!(out, "  {} ({}, {config})", tunnel.interface, tunnel.implementation.as_str());
         for peer in &tunnel.peers {
             let endpoint = peer.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "no endpoint".into());
             let key: String = peer.public_key.chars().take(8).collect();
@@ -65,7 +67,7 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
                 (Some(_), Some(nesting)) => {
                     let mut chain = vec![tunnel.interface.clone()];
                     chain.extend(peer.chain.iter().cloned());
-                    let _ = writeln!(out, "      NESTED ({nesting:?}): {}", chain.join(" inside "));
+                    let _ = writeln!(out, "      NESTED ({}): {}", nesting.as_str(), chain.join(" inside "));
                 }
                 _ if peer.transport.is_some() => out.push_str("      direct: not inside another tunnel\n"),
                 _ => {}

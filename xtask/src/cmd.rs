@@ -20,11 +20,9 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
 }
 
 pub fn output(program: &str, args: &[&str]) -> Result<Output> {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running `{program}` (is it installed? `cargo xtask setup` installs what wgtrace needs)"))
+    Command::new(program).args(args).stdin(Stdio::null()).output().with_context(|| {
+        format!("running `{program}` (is it installed? `cargo xtask setup` installs what wgtrace needs)")
+    })
 }
 
 /// Runs a shell snippet, for the few steps that are clearer as shell.

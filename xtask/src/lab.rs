@@ -104,8 +104,7 @@ fn save_state(state: &LabState) -> Result<()> {
 }
 
 fn ns(namespace: &str, script: &str) -> Result<String> {
-    run("ip", &["netns", "exec", namespace, "sh", "-ec", script])
-        .with_context(|| format!("in namespace {namespace}"))
+    run("ip", &["netns", "exec", namespace, "sh", "-ec", script]).with_context(|| format!("in namespace {namespace}"))
 }
 
 /// One tunnel: a wg-quick interface in the client and its peer in a server namespace.
@@ -416,11 +415,10 @@ pub fn wait_for_ping(address: &str, timeout: Duration) -> Result<()> {
 
 /// Median RTT in ms of `count` pings from the client.
 pub fn ping_ms(address: &str, count: u32) -> Result<f64> {
-    let text = run("ip", &["netns", "exec", CLIENT, "ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", address])?;
-    let mut rtts: Vec<f64> = text
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1)?.split_whitespace().next()?.parse().ok())
-        .collect();
+    let text =
+        run("ip", &["netns", "exec", CLIENT, "ping", "-c", &count.to_string(), "-i", "0.2", "-W", "2", address])?;
+    let mut rtts: Vec<f64> =
+        text.lines().filter_map(|l| l.split("time=").nth(1)?.split_whitespace().next()?.parse().ok()).collect();
     anyhow::ensure!(!rtts.is_empty(), "no ping replies from {address}:\n{text}");
     rtts.sort_by(f64::total_cmp);
     Ok(rtts[rtts.len() / 2])

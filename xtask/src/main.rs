@@ -108,7 +108,10 @@ fn run_main_job(args: &[String]) -> Result<()> {
     eprintln!("No tunnels of this host's own: building the lab (wg1 nested inside wg0, 20 ms each way on wg0's path).");
     lab::up(&lab::LabOptions::default())?;
     let result = (|| -> Result<()> {
-        eprintln!("\n== Broken: ping over wg1 takes {:.1} ms (median). Tracing 5 s of traffic:", lab::ping_ms(lab::WG1_REMOTE, 5)?);
+        eprintln!(
+            "\n== Broken: ping over wg1 takes {:.1} ms (median). Tracing 5 s of traffic:",
+            lab::ping_ms(lab::WG1_REMOTE, 5)?
+        );
         trace_with_traffic(&wgtrace, 5)?;
         lab::fix()?;
         eprintln!(
@@ -140,7 +143,11 @@ fn run_tests(args: &[String]) -> Result<()> {
     cargo(&["build", "-p", "wgtrace"])?;
     let wgtrace = workspace_root().join("target/debug/wgtrace");
     let mut command = Command::new(env!("CARGO"));
-    command.arg("test").args(args).current_dir(workspace_root()).env("WGTRACE_BIN", &wgtrace)
+    command
+        .arg("test")
+        .args(args)
+        .current_dir(workspace_root())
+        .env("WGTRACE_BIN", &wgtrace)
         .env("WGTRACE_LAB_HELPER", std::env::current_exe()?);
     let status = command.status().context("running cargo test")?;
     if !status.success() {

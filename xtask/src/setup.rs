@@ -63,7 +63,8 @@ fn ensure_nightly() -> Result<()> {
         }
         Err(_) => {
             eprintln!("setup: installing the nightly toolchain with rust-src");
-            run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]).map(drop)
+            run("rustup", &["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"])
+                .map(drop)
         }
     }
 }

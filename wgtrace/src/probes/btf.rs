@@ -71,9 +71,7 @@ pub struct Btf {
 }
 
 fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
-    data.get(at..at + 4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .ok_or(BtfError::Truncated(at))
+    data.get(at..at + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or(BtfError::Truncated(at))
 }
 
 impl Btf {
@@ -131,8 +129,7 @@ impl Btf {
                 KIND_ENUM => vlen * 8,
                 KIND_FUNC_PROTO => vlen * 8,
                 KIND_DATASEC | KIND_ENUM64 => vlen * 12,
-                2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16
-                | KIND_TYPE_TAG => 0,
+                2 | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16 | KIND_TYPE_TAG => 0,
                 other => return Err(BtfError::UnknownKind { id: types.len() as u32, kind: other }),
             };
             at += extra;
@@ -171,7 +168,9 @@ impl Btf {
     fn strip(&self, mut id: u32) -> u32 {
         for _ in 0..32 {
             match self.ty(id) {
-                Some(t) if matches!(t.kind, KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG) => {
+                Some(t)
+                    if matches!(t.kind, KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG) =>
+                {
                     id = t.size_or_type;
                 }
                 _ => break,
@@ -188,10 +187,8 @@ impl Btf {
     /// `struct NAME`. Members of anonymous structs and unions are found as
     /// if they were direct members, as in C.
     pub fn field_offset(&self, struct_name: &str, path: &[&str]) -> Result<u32, BtfError> {
-        let mut current = *self
-            .aggregates_by_name
-            .get(struct_name)
-            .ok_or_else(|| BtfError::NoSuchStruct(struct_name.to_owned()))?;
+        let mut current =
+            *self.aggregates_by_name.get(struct_name).ok_or_else(|| BtfError::NoSuchStruct(struct_name.to_owned()))?;
         let mut bits = 0u32;
         let mut owner = struct_name.to_owned();
         for field in path {
@@ -202,7 +199,7 @@ impl Btf {
             current = self.strip(member_type);
             owner = format!("{owner}.{field}");
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             return Err(BtfError::BitField(owner));
         }
         Ok(bits / 8)

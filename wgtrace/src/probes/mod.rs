@@ -15,8 +15,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use wgtrace_common::{
-    COUNTER_EVENTS_LOST, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, FlowKey, FlowStats,
-    PacketEvent, RouteEvent, RouteKey, RouteStats,
+    COUNTER_EVENTS_LOST, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, FlowKey, FlowStats, PacketEvent, RouteEvent,
+    RouteKey, RouteStats,
 };
 
 /// A hook wgtrace wants, and what it is for when it is missing.
@@ -28,10 +28,30 @@ struct Hook {
 }
 
 const HOOKS: &[Hook] = &[
-    Hook { program: "net_dev_start_xmit", tracepoint: "net_dev_start_xmit", required: true, purpose: "which device each tunnel's encrypted packets leave through" },
-    Hook { program: "netif_receive_skb", tracepoint: "netif_receive_skb", required: false, purpose: "received transport packets" },
-    Hook { program: "fib_table_lookup", tracepoint: "fib_table_lookup", required: false, purpose: "IPv4 routing decisions (mark and table)" },
-    Hook { program: "fib6_table_lookup", tracepoint: "fib6_table_lookup", required: false, purpose: "IPv6 routing decisions (mark and table)" },
+    Hook {
+        program: "net_dev_start_xmit",
+        tracepoint: "net_dev_start_xmit",
+        required: true,
+        purpose: "which device each tunnel's encrypted packets leave through",
+    },
+    Hook {
+        program: "netif_receive_skb",
+        tracepoint: "netif_receive_skb",
+        required: false,
+        purpose: "received transport packets",
+    },
+    Hook {
+        program: "fib_table_lookup",
+        tracepoint: "fib_table_lookup",
+        required: false,
+        purpose: "IPv4 routing decisions (mark and table)",
+    },
+    Hook {
+        program: "fib6_table_lookup",
+        tracepoint: "fib6_table_lookup",
+        required: false,
+        purpose: "IPv6 routing decisions (mark and table)",
+    },
 ];
 
 /// Whether each hook is active, and why not.
@@ -71,7 +91,10 @@ impl Tracer {
         let mut hooks = Vec::new();
         for hook in HOOKS {
             let status = if !btf.has_tracepoint(hook.tracepoint) {
-                Err(anyhow::anyhow!("this kernel has no BTF tracepoint {} (needs Linux 5.5+ with BTF)", hook.tracepoint))
+                Err(anyhow::anyhow!(
+                    "this kernel has no BTF tracepoint {} (needs Linux 5.5+ with BTF)",
+                    hook.tracepoint
+                ))
             } else {
                 attach(&mut ebpf, hook, &aya_btf)
             };
@@ -150,7 +173,8 @@ impl Tracer {
 
     /// Events the kernel side could not deliver (ring buffer full).
     pub fn events_lost(&self) -> Result<u64> {
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
         Ok(map.get(&COUNTER_EVENTS_LOST, 0)?.iter().sum())
     }
 }
@@ -160,7 +184,10 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: &aya::Btf) -> Result<()> {
         .program_mut(hook.program)
         .with_context(|| format!("program {} missing from the object", hook.program))?
         .try_into()?;
-    program.load(hook.tracepoint, btf).map_err(|e| anyhow::anyhow!(e)).context("the verifier or kernel refused the program")?;
+    program
+        .load(hook.tracepoint, btf)
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("the verifier or kernel refused the program")?;
     program.attach().context("attaching")?;
     Ok(())
 }

@@ -47,6 +47,15 @@ pub enum Implementation {
     Userspace,
 }
 
+impl Implementation {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Kernel => "kernel",
+            Self::Userspace => "userspace",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Tunnel {
     pub netns: u64,
@@ -120,7 +129,9 @@ impl Topology {
                 };
                 let device = match (&implementation, daemon) {
                     (Implementation::Userspace, Some(pid)) => read_userspace_device(pid, &link.name),
-                    _ => Err(anyhow::anyhow!("reading kernel WireGuard devices over generic netlink is not implemented yet")),
+                    _ => Err(anyhow::anyhow!(
+                        "reading kernel WireGuard devices over generic netlink is not implemented yet"
+                    )),
                 };
                 let device = match device {
                     Ok(device) => Some(device),
@@ -186,9 +197,10 @@ fn userspace_daemons() -> HashMap<(u64, String), u32> {
                 continue;
             }
             let fdinfo = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()));
-            let Some(interface) = fdinfo.ok().and_then(|info| {
-                info.lines().find_map(|l| l.strip_prefix("iff:").map(|v| v.trim().to_owned()))
-            }) else {
+            let Some(interface) = fdinfo
+                .ok()
+                .and_then(|info| info.lines().find_map(|l| l.strip_prefix("iff:").map(|v| v.trim().to_owned())))
+            else {
                 continue;
             };
             if uapi::socket_path(pid, &interface).is_none() {

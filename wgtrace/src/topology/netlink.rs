@@ -153,7 +153,8 @@ impl Socket {
                     NLMSG_ERROR => {
                         let code = payload.get(0..4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
                         if code != 0 {
-                            return Err(io::Error::from_raw_os_error(-code)).context("the kernel refused a netlink request");
+                            return Err(io::Error::from_raw_os_error(-code))
+                                .context("the kernel refused a netlink request");
                         }
                         done = true;
                     }
@@ -283,7 +284,8 @@ pub fn parse_link(payload: &[u8]) -> Option<Link> {
         match kind {
             IFLA_IFNAME => link.name = string_of(value),
             IFLA_LINKINFO => {
-                link.kind = attributes(value).into_iter().find(|(k, _)| *k == IFLA_INFO_KIND).map(|(_, v)| string_of(v));
+                link.kind =
+                    attributes(value).into_iter().find(|(k, _)| *k == IFLA_INFO_KIND).map(|(_, v)| string_of(v));
             }
             _ => {}
         }
@@ -452,9 +454,6 @@ mod tests {
         let mut info = Vec::new();
         push_attribute(&mut info, IFLA_INFO_KIND, b"wireguard\0");
         push_attribute(&mut payload, IFLA_LINKINFO | 0x8000, &info);
-        assert_eq!(
-            parse_link(&payload),
-            Some(Link { index: 9, name: "wg1".into(), kind: Some("wireguard".into()) })
-        );
+        assert_eq!(parse_link(&payload), Some(Link { index: 9, name: "wg1".into(), kind: Some("wireguard".into()) }));
     }
 }
