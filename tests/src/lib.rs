@@ -88,14 +88,40 @@ impl Drop for Traffic {
 
 /// Runs `wgtrace run --json` for `seconds` and returns the report.
 pub fn trace_json(seconds: f64, extra: &[&str]) -> Result<serde_json::Value> {
-    let output = Command::new(wgtrace_bin())
-        .args(["run", "--json", "--duration", &seconds.to_string()])
-        .args(extra)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running wgtrace")?;
-    anyhow::ensure!(output.status.success(), "wgtrace exited with {}", output.status);
-    serde_json::from_slice(&output.stdout).context("wgtrace --json printed something that is not JSON")
+    Trace::start(seconds, extra)?.report()
+}
+
+/// A `wgtrace run --json --duration N` running in the background, so a test
+/// can make things happen while it traces.
+pub struct Trace(Option<Child>);
+
+impl Trace {
+    pub fn start(seconds: f64, extra: &[&str]) -> Result<Self> {
+        let child = Command::new(wgtrace_bin())
+            .args(["run", "--json", "--duration", &seconds.to_string()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("running wgtrace")?;
+        Ok(Self(Some(child)))
+    }
+
+    /// Waits for the run to end and parses its report.
+    pub fn report(mut self) -> Result<serde_json::Value> {
+        let output = self.0.take().expect("running").wait_with_output()?;
+        anyhow::ensure!(output.status.success(), "wgtrace exited with {}", output.status);
+        serde_json::from_slice(&output.stdout).context("wgtrace --json printed something that is not JSON")
+    }
+}
+
+impl Drop for Trace {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// The report's entry for `interface` in the lab client namespace.

@@ -10,6 +10,9 @@ pub mod wire;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Where a packet was seen relative to the device in its key.
 pub const DIR_EGRESS: u8 = 0;
@@ -20,6 +23,10 @@ pub const DIR_INGRESS: u8 = 1;
 pub const EVENT_NEW_FLOW: u32 = 1;
 pub const EVENT_HANDSHAKE: u32 = 2;
 pub const EVENT_NEW_ROUTE: u32 = 3;
+/// A latency probe packet (echo request/reply, SYN/SYN-ACK) on a tunnel device.
+pub const EVENT_PLAINTEXT: u32 = 4;
+/// One encryption stage of a sampled plaintext packet (see [`TransmitEvent`]).
+pub const EVENT_TRANSMIT: u32 = 5;
 
 /// Slots of the `COUNTERS` per-CPU array.
 pub const COUNTER_EVENTS_LOST: u32 = 0;
@@ -31,6 +38,8 @@ pub const COUNTER_SLOTS: u32 = 4;
 pub const FLOW_MAP_ENTRIES: u32 = 16384;
 pub const ROUTE_MAP_ENTRIES: u32 = 16384;
 pub const RING_BUFFER_BYTES: u32 = 1 << 20;
+pub const TUNNEL_DEVICE_ENTRIES: u32 = 4096;
+pub const TRANSMIT_PENDING_ENTRIES: u32 = 1024;
 
 pub const IFNAMSIZ: usize = 16;
 
@@ -167,6 +176,89 @@ pub struct RouteEvent {
     pub _pad: u32,
 }
 
+/// A network device, by namespace and index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeviceKey {
+    pub netns: u32,
+    pub ifindex: u32,
+}
+
+/// What a plaintext probe packet is.
+pub const PLAINTEXT_ECHO_REQUEST: u8 = 1;
+pub const PLAINTEXT_ECHO_REPLY: u8 = 2;
+pub const PLAINTEXT_SYN: u8 = 3;
+pub const PLAINTEXT_SYN_ACK: u8 = 4;
+
+/// An ICMP/ICMPv6 echo or TCP handshake packet seen on a tunnel's own device:
+/// requests leaving, replies arriving. Userspace pairs them into inner RTTs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlaintextEvent {
+    pub kind: u32,
+    pub what: u8,
+    pub direction: u8,
+    pub family: u16,
+    pub timestamp_ns: u64,
+    pub device: DeviceKey,
+    /// The far end: destination of a request, source of a reply.
+    pub remote: [u8; 16],
+    /// Echo identifier, or the local TCP port.
+    pub id: u16,
+    /// Echo sequence number, or the remote TCP port.
+    pub port_or_zero: u16,
+    /// Echo sequence, or the TCP sequence number a SYN-ACK acknowledges (minus one).
+    pub sequence: u32,
+    /// IP length of the packet.
+    pub ip_length: u32,
+    pub _pad: u32,
+}
+
+/// Where the next encryption of a sampled packet is expected: in `netns`, a
+/// WireGuard data message whose UDP payload is `payload_length` bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TransmitKey {
+    pub netns: u32,
+    pub payload_length: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransmitOrigin {
+    /// When the plaintext entered its tunnel device.
+    pub entered_ns: u64,
+    /// The tunnel device it entered.
+    pub ifindex: u32,
+    /// How many encryptions it has been through so far.
+    pub stage: u32,
+}
+
+/// A sampled plaintext packet, seen leaving `egress_ifindex` as a WireGuard
+/// data message after `stage` encryptions. The last stage (leaving a device
+/// that is not a tunnel) ends its transmit latency.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransmitEvent {
+    pub kind: u32,
+    pub stage: u32,
+    pub entered_ns: u64,
+    pub left_ns: u64,
+    pub netns: u32,
+    pub origin_ifindex: u32,
+    pub egress_ifindex: u32,
+    pub mark: u32,
+}
+
+/// Length of the WireGuard data message (UDP payload) that carries a
+/// plaintext packet of `plaintext_length` bytes: 16-byte header, plaintext
+/// padded to 16, 16-byte tag. Implementations pad to a multiple of 16 (capped
+/// at the MTU, which sampled packets, being small, never reach).
+#[inline(always)]
+pub const fn ciphertext_length(plaintext_length: u32) -> u32 {
+    32 + ((plaintext_length + 15) & !15)
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -177,4 +269,7 @@ mod pod {
     unsafe impl aya::Pod for FlowStats {}
     unsafe impl aya::Pod for RouteKey {}
     unsafe impl aya::Pod for RouteStats {}
+    unsafe impl aya::Pod for DeviceKey {}
+    unsafe impl aya::Pod for TransmitKey {}
+    unsafe impl aya::Pod for TransmitOrigin {}
 }

@@ -20,13 +20,16 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::{btf_tracepoint, map},
-    maps::{LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use wgtrace_common::{
-    AF_INET, AF_INET6, COUNTER_EVENTS_LOST, COUNTER_READ_ERRORS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS,
-    EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, FLOW_MAP_ENTRIES, FlowKey, FlowStats, IPPROTO_UDP, KernelOffsets,
-    PacketEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats,
+    AF_INET, AF_INET6, COUNTER_EVENTS_LOST, COUNTER_READ_ERRORS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, DeviceKey,
+    EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT, FLOW_MAP_ENTRIES, FlowKey,
+    FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, PLAINTEXT_ECHO_REPLY,
+    PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PacketEvent, PlaintextEvent, RING_BUFFER_BYTES,
+    ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES,
+    TransmitEvent, TransmitKey, TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -45,6 +48,16 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// The tunnels' own devices, kept current by userspace: only there are
+/// plaintext packets timed.
+#[map]
+static TUNNEL_DEVICES: HashMap<DeviceKey, u8> = HashMap::with_max_entries(TUNNEL_DEVICE_ENTRIES, 0);
+
+/// Sampled plaintext packets awaiting their next encryption.
+#[map]
+static TRANSMIT_PENDING: LruHashMap<TransmitKey, TransmitOrigin> =
+    LruHashMap::with_max_entries(TRANSMIT_PENDING_ENTRIES, 0);
 
 const BPF_NOEXIST: u64 = 1;
 /// `skb->protocol` as read from memory (big endian) on a little-endian host.
@@ -107,6 +120,7 @@ pub fn fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
 /// lookup visits, so one packet can produce several (e.g. main, suppressed by
 /// `suppress_prefixlength 0`, then 51820). Userspace picks the decision that
 /// matches where the packet really went.
+#[inline(always)]
 fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let flow: *const u8 = ctx.arg(1);
     let protocol: u8 = read(flow, offset!(flowi4_proto))?;
@@ -143,6 +157,7 @@ pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// `trace_fib6_table_lookup(net, res, table, flp)`.
+#[inline(always)]
 fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let flow: *const u8 = ctx.arg(3);
     let protocol: u8 = read(flow, offset!(flowi6_proto))?;
@@ -232,9 +247,24 @@ struct UdpPrefix {
     payload: [u8; HEADER_PREFIX_LEN],
 }
 
+/// The IP-level facts every later step needs.
+struct Packet {
+    skb: *const u8,
+    dev: *const u8,
+    direction: u8,
+    family: u16,
+    protocol: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    l4: *const u8,
+    l3_header_length: u32,
+    ip_length: u32,
+}
+
+#[inline(always)]
 fn on_packet(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
-    let protocol: u16 = read(skb, offset!(skb_protocol))?;
-    if protocol != ETH_P_IP_RAW && protocol != ETH_P_IPV6_RAW {
+    let ethertype: u16 = read(skb, offset!(skb_protocol))?;
+    if ethertype != ETH_P_IP_RAW && ethertype != ETH_P_IPV6_RAW {
         return Ok(());
     }
     // On transmit the stack has set the network header; on receive the
@@ -246,49 +276,81 @@ fn on_packet(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
     } else {
         read(skb, offset!(skb_data))?
     };
-
-    let mut key = FlowKey { direction, ..FlowKey::default() };
-    let l4: *const u8;
-    let l3_len: u32;
-    if protocol == ETH_P_IP_RAW {
+    let mut packet = Packet {
+        skb,
+        dev,
+        direction,
+        family: 0,
+        protocol: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        l4: l3,
+        l3_header_length: 0,
+        ip_length: 0,
+    };
+    if ethertype == ETH_P_IP_RAW {
         let header: [u8; 20] = read(l3, 0)?;
-        let ihl = ((header[0] & 0x0f) as usize) * 4;
+        let ihl = ((header[0] & 0x0f) as u32) * 4;
         let not_first_fragment = (header[6] & 0x1f) != 0 || header[7] != 0;
-        if header[0] >> 4 != 4 || ihl < 20 || header[9] != IPPROTO_UDP || not_first_fragment {
+        if header[0] >> 4 != 4 || ihl < 20 || not_first_fragment {
             return Ok(());
         }
-        key.family = AF_INET;
-        key.saddr[..4].copy_from_slice(&header[12..16]);
-        key.daddr[..4].copy_from_slice(&header[16..20]);
-        l4 = l3.wrapping_add(ihl);
-        l3_len = ihl as u32;
+        packet.family = AF_INET;
+        packet.protocol = header[9];
+        packet.saddr[..4].copy_from_slice(&header[12..16]);
+        packet.daddr[..4].copy_from_slice(&header[16..20]);
+        packet.l3_header_length = ihl;
+        packet.ip_length = u16::from_be_bytes([header[2], header[3]]) as u32;
     } else {
         let header: [u8; 40] = read(l3, 0)?;
-        // Only UDP directly after the fixed header; extension headers are
-        // rare on tunnel transport and not followed here.
-        if header[0] >> 4 != 6 || header[6] != IPPROTO_UDP {
+        // Only a transport header directly after the fixed header; extension
+        // headers are rare on tunnel transport and not followed here.
+        if header[0] >> 4 != 6 {
             return Ok(());
         }
-        key.family = AF_INET6;
-        key.saddr.copy_from_slice(&header[8..24]);
-        key.daddr.copy_from_slice(&header[24..40]);
-        l4 = l3.wrapping_add(40);
-        l3_len = 40;
+        packet.family = AF_INET6;
+        packet.protocol = header[6];
+        packet.saddr.copy_from_slice(&header[8..24]);
+        packet.daddr.copy_from_slice(&header[24..40]);
+        packet.l3_header_length = 40;
+        packet.ip_length = 40 + u16::from_be_bytes([header[4], header[5]]) as u32;
     }
+    packet.l4 = l3.wrapping_add(packet.l3_header_length as usize);
+    match packet.protocol {
+        IPPROTO_UDP => on_udp(&packet),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_TCP => on_plaintext(&packet),
+        _ => Ok(()),
+    }
+}
 
-    let udp: UdpPrefix = read(l4, 0)?;
+#[inline(always)]
+fn device_key(dev: *const u8) -> Result<DeviceKey, ()> {
+    Ok(DeviceKey { netns: netns_of_device(dev)?, ifindex: read(dev, offset!(net_device_ifindex))? })
+}
+
+#[inline(always)]
+fn on_udp(packet: &Packet) -> Result<(), ()> {
+    let udp: UdpPrefix = read(packet.l4, 0)?;
     let udp_length = u16::from_be_bytes(udp.length) as u32;
     let Some(message) = wire::classify(&udp.payload, udp_length.wrapping_sub(8)) else {
         return Ok(());
     };
-    key.sport = u16::from_be_bytes(udp.source_port);
-    key.dport = u16::from_be_bytes(udp.destination_port);
-    key.mark = read(skb, offset!(skb_mark))?;
-    key.ifindex = read(dev, offset!(net_device_ifindex))?;
-    key.netns = netns_of_device(dev)?;
+    let device = device_key(packet.dev)?;
+    let key = FlowKey {
+        netns: device.netns,
+        ifindex: device.ifindex,
+        mark: read(packet.skb, offset!(skb_mark))?,
+        family: packet.family,
+        direction: packet.direction,
+        saddr: packet.saddr,
+        daddr: packet.daddr,
+        sport: u16::from_be_bytes(udp.source_port),
+        dport: u16::from_be_bytes(udp.destination_port),
+        ..FlowKey::default()
+    };
 
     let now = unsafe { bpf_ktime_get_ns() };
-    let bytes = (udp_length + l3_len) as u64;
+    let bytes = (udp_length + packet.l3_header_length) as u64;
     let new_flow = match FLOWS.get_ptr_mut(&key) {
         Some(stats) => {
             unsafe {
@@ -303,23 +365,118 @@ fn on_packet(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
             FLOWS.insert(&key, &stats, BPF_NOEXIST).is_ok()
         }
     };
-    let handshake = message.message_type != wire::MESSAGE_TRANSPORT_DATA;
-    if !new_flow && !handshake {
-        return Ok(());
+    let payload_length = udp_length.wrapping_sub(8);
+    if message.message_type == wire::MESSAGE_TRANSPORT_DATA {
+        if packet.direction == DIR_EGRESS {
+            follow_transmit(&key, payload_length, udp_length + packet.l3_header_length, now);
+        }
+        if !new_flow {
+            return Ok(());
+        }
     }
     let mut event = PacketEvent {
-        kind: if handshake { EVENT_HANDSHAKE } else { EVENT_NEW_FLOW },
+        kind: if message.message_type == wire::MESSAGE_TRANSPORT_DATA { EVENT_NEW_FLOW } else { EVENT_HANDSHAKE },
         message_type: message.message_type,
         timestamp_ns: now,
         key,
-        length: udp_length.wrapping_sub(8),
+        length: payload_length,
         sender: message.sender,
         receiver: message.receiver,
         ..PacketEvent::default()
     };
-    device_name(dev, &mut event.ifname);
+    device_name(packet.dev, &mut event.ifname);
     if EVENTS.output::<PacketEvent>(&event, 0).is_err() {
         count(COUNTER_EVENTS_LOST);
+    }
+    Ok(())
+}
+
+/// Transmit latency, for userspace tunnels where no skb survives encryption:
+/// a sampled plaintext packet of known length predicts the length of the
+/// data message that carries it. When such a message leaves, record the
+/// stage and predict the next encryption (a nested tunnel's transport is
+/// itself plaintext for the outer tunnel).
+#[inline(always)]
+fn follow_transmit(flow: &FlowKey, payload_length: u32, ip_length: u32, now: u64) {
+    let key = TransmitKey { netns: flow.netns, payload_length };
+    let Some(origin) = TRANSMIT_PENDING.get_ptr(&key) else {
+        return;
+    };
+    let origin = unsafe { *origin };
+    let _ = TRANSMIT_PENDING.remove(&key);
+    let stage = origin.stage + 1;
+    let event = TransmitEvent {
+        kind: EVENT_TRANSMIT,
+        stage,
+        entered_ns: origin.entered_ns,
+        left_ns: now,
+        netns: flow.netns,
+        origin_ifindex: origin.ifindex,
+        egress_ifindex: flow.ifindex,
+        mark: flow.mark,
+    };
+    if EVENTS.output::<TransmitEvent>(&event, 0).is_err() {
+        count(COUNTER_EVENTS_LOST);
+    }
+    let next = TransmitKey { netns: flow.netns, payload_length: ciphertext_length(ip_length) };
+    let _ = TRANSMIT_PENDING.insert(&next, &TransmitOrigin { stage, ..origin }, 0);
+}
+
+/// ICMP/ICMPv6 echo and TCP SYN/SYN-ACK on a tunnel's own device: the
+/// requests and replies userspace pairs into the tunnel's inner RTT.
+#[inline(always)]
+fn on_plaintext(packet: &Packet) -> Result<(), ()> {
+    let egress = packet.direction == DIR_EGRESS;
+    let mut event = PlaintextEvent {
+        kind: EVENT_PLAINTEXT,
+        direction: packet.direction,
+        family: packet.family,
+        remote: if egress { packet.daddr } else { packet.saddr },
+        ip_length: packet.ip_length,
+        ..PlaintextEvent::default()
+    };
+    if packet.protocol == IPPROTO_TCP {
+        let tcp: [u8; 14] = read(packet.l4, 0)?;
+        let flags = tcp[13] & 0x12; // SYN and ACK
+        let (local, remote) =
+            if egress { ([tcp[0], tcp[1]], [tcp[2], tcp[3]]) } else { ([tcp[2], tcp[3]], [tcp[0], tcp[1]]) };
+        event.id = u16::from_be_bytes(local);
+        event.port_or_zero = u16::from_be_bytes(remote);
+        if egress && flags == 0x02 {
+            event.what = PLAINTEXT_SYN;
+            event.sequence = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        } else if !egress && flags == 0x12 {
+            event.what = PLAINTEXT_SYN_ACK;
+            event.sequence = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]).wrapping_sub(1);
+        } else {
+            return Ok(());
+        }
+    } else {
+        let icmp: [u8; 8] = read(packet.l4, 0)?;
+        let (request, reply) = if packet.protocol == IPPROTO_ICMP { (8, 0) } else { (128, 129) };
+        event.what = if egress && icmp[0] == request {
+            PLAINTEXT_ECHO_REQUEST
+        } else if !egress && icmp[0] == reply {
+            PLAINTEXT_ECHO_REPLY
+        } else {
+            return Ok(());
+        };
+        event.id = u16::from_be_bytes([icmp[4], icmp[5]]);
+        event.sequence = u16::from_be_bytes([icmp[6], icmp[7]]) as u32;
+    }
+    let device = device_key(packet.dev)?;
+    if TUNNEL_DEVICES.get_ptr(&device).is_none() {
+        return Ok(());
+    }
+    event.device = device;
+    event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    if EVENTS.output::<PlaintextEvent>(&event, 0).is_err() {
+        count(COUNTER_EVENTS_LOST);
+    }
+    if egress {
+        let key = TransmitKey { netns: device.netns, payload_length: ciphertext_length(packet.ip_length) };
+        let origin = TransmitOrigin { entered_ns: event.timestamp_ns, ifindex: device.ifindex, stage: 0 };
+        let _ = TRANSMIT_PENDING.insert(&key, &origin, 0);
     }
     Ok(())
 }

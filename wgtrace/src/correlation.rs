@@ -15,6 +15,7 @@ use anyhow::Result;
 use serde::Serialize;
 use wgtrace_common::{AF_INET, DIR_EGRESS, DIR_INGRESS, FlowKey, FlowStats, RouteKey, RouteStats};
 
+use crate::latency::{NestingCost, PeerLatency};
 use crate::topology::{
     Implementation, Topology, Tunnel,
     netlink::{FR_ACT_TO_TBL, RouteAnswer, Rule, UdpQuery, table_name},
@@ -78,7 +79,7 @@ pub struct Fix {
     pub network_manager: String,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize)]
 pub struct PeerReport {
     pub public_key: String,
     pub endpoint: Option<SocketAddr>,
@@ -92,13 +93,18 @@ pub struct PeerReport {
     pub fix: Option<String>,
     pub fix_details: Option<Fix>,
     pub explanation: Option<String>,
+    /// Filled in by [`crate::latency::annotate`].
+    pub latency: Option<PeerLatency>,
+    /// For a nested peer: what riding inside the outer tunnel costs.
+    pub nesting_cost: Option<NestingCost>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize)]
 pub struct TunnelReport {
     pub interface: String,
     pub netns: String,
     pub netns_inode: u64,
+    pub ifindex: u32,
     pub implementation: Implementation,
     pub fwmark: Option<u32>,
     pub listen_port: Option<u16>,
@@ -123,6 +129,7 @@ pub fn correlate(topology: &Topology, seen: &Observations, oracle: &dyn RouteOra
             interface: tunnel.interface.clone(),
             netns: tunnel.netns_label.clone(),
             netns_inode: tunnel.netns,
+            ifindex: tunnel.ifindex,
             implementation: tunnel.implementation.clone(),
             fwmark: tunnel.device.as_ref().map(|d| d.fwmark),
             listen_port: tunnel.device.as_ref().map(|d| d.listen_port),
@@ -155,6 +162,8 @@ fn correlate_peer(
         fix: None,
         fix_details: None,
         explanation: None,
+        latency: None,
+        nesting_cost: None,
     };
     let (Some(device), Some(endpoint)) = (tunnel.device.as_ref(), peer.endpoint) else {
         return report;

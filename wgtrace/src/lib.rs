@@ -3,10 +3,12 @@
 //! * [`probes`]: loading, attaching and reading the eBPF programs (BTF offsets).
 //! * [`topology`]: namespaces, interfaces, rules, WireGuard configuration.
 //! * [`correlation`]: from recorded packets to verdicts and fixes.
+//! * [`latency`]: inner, handshake and transmit latency histograms.
 //! * [`report`]: terminal and JSON output.
 //! * [`run`]: the `wgtrace run` command that ties them together.
 
 pub mod correlation;
+pub mod latency;
 pub mod probes;
 pub mod report;
 pub mod run;

@@ -30,7 +30,8 @@ Examples:
   sudo wgtrace run                      live view of every tunnel in every namespace
   sudo wgtrace run --duration 10        trace 10 s, then print the report
   sudo wgtrace run --duration 5 --json  machine-readable report on stdout (logs on stderr)
-  sudo wgtrace run --netns blue         only tunnels in `ip netns` namespace blue")]
+  sudo wgtrace run --netns blue         only tunnels in `ip netns` namespace blue
+  sudo wgtrace run --duration 10 --probe  also measure what a nested tunnel's fix would save")]
     Run {
         /// Stop after this many seconds (default: run until Ctrl-C or SIGTERM).
         #[arg(long, value_name = "SECONDS")]
@@ -47,6 +48,11 @@ Examples:
         /// Only tunnels in wgtrace's own network namespace.
         #[arg(long)]
         current_netns: bool,
+        /// Measure what nesting costs: send 5 ICMP echoes to each nested
+        /// tunnel's endpoint along its current path and along the fixed one.
+        /// Nothing is sent without this flag.
+        #[arg(long)]
+        probe: bool,
         /// More detail on stderr (repeat for debug output).
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
@@ -60,7 +66,7 @@ fn seconds(value: f64, what: &str) -> Result<Duration> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let Command::Run { duration, interval, json, netns, current_netns, verbose } = cli.command;
+    let Command::Run { duration, interval, json, netns, current_netns, probe, verbose } = cli.command;
     let level = match verbose {
         0 => "warn",
         1 => "info",
@@ -72,6 +78,7 @@ fn main() -> std::process::ExitCode {
             duration: duration.map(|d| seconds(d, "duration")).transpose()?,
             interval: seconds(interval, "interval")?,
             json,
+            probe,
             scope: match (netns, current_netns) {
                 (Some(name), _) => Scope::Named(name),
                 (None, true) => Scope::Current,

@@ -4,7 +4,12 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::{correlation::TunnelReport, probes::HookStatus, topology::netlink::table_name};
+use crate::{
+    correlation::TunnelReport,
+    latency::{NestingCost, PeerLatency, Summary},
+    probes::HookStatus,
+    topology::netlink::table_name,
+};
 
 /// The final report; its JSON form is a documented contract (docs/json.md).
 #[derive(Debug, Serialize)]
@@ -82,6 +87,12 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
                 let _ = writeln!(out, "           NetworkManager: {}", fix.network_manager);
                 let _ = writeln!(out, "           verified: would leave via {}", fix.verified_egress_interface);
             }
+            if let Some(latency) = &peer.latency {
+                render_latency(&mut out, latency);
+            }
+            if let Some(cost) = &peer.nesting_cost {
+                render_nesting_cost(&mut out, &tunnel.interface, cost);
+            }
         }
     }
     if !report.route_lookups.is_empty() {
@@ -96,4 +107,78 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
     }
     let _ = writeln!(out, "events lost: {}", report.events_lost);
     out
+}
+
+/// Microseconds for people: `850 µs`, `41.2 ms`, `1.25 s`.
+pub fn human_us(us: u64) -> String {
+    match us {
+        0..1_000 => format!("{us} µs"),
+        1_000..1_000_000 => format!("{:.1} ms", us as f64 / 1_000.0),
+        _ => format!("{:.2} s", us as f64 / 1_000_000.0),
+    }
+}
+
+fn summary_text(summary: &Summary) -> String {
+    format!(
+        "p50 {} p90 {} p99 {} max {} (n={})",
+        human_us(summary.p50),
+        human_us(summary.p90),
+        human_us(summary.p99),
+        human_us(summary.max),
+        summary.count
+    )
+}
+
+fn render_latency(out: &mut String, latency: &PeerLatency) {
+    for (name, summary) in [
+        ("inner RTT", &latency.inner_rtt_us),
+        ("handshake RTT", &latency.handshake_rtt_us),
+        ("transmit", &latency.transmit_us),
+    ] {
+        if summary.count > 0 {
+            let _ = writeln!(out, "      {name}: {}", summary_text(summary));
+        }
+    }
+    if let Some(histogram) = &latency.inner_rtt_histogram {
+        out.push_str(&histogram.render_log2("        "));
+    }
+}
+
+fn render_nesting_cost(out: &mut String, inner: &str, cost: &NestingCost) {
+    let outer = &cost.outer_interface;
+    match (cost.estimated_cost_us, &cost.probe) {
+        (Some(extra), Some(_)) => {
+            let _ = writeln!(
+                out,
+                "      cost: riding inside {outer} adds {} per round trip (measured by --probe)",
+                human_us(extra)
+            );
+        }
+        (Some(extra), None) => {
+            let _ = writeln!(
+                out,
+                "      cost: riding inside {outer} adds about {} per round trip ({outer}'s own RTT p50; --probe measures it)",
+                human_us(extra)
+            );
+        }
+        (None, _) => {
+            let _ = writeln!(
+                out,
+                "      cost: unknown (no traffic over {outer} seen); run with --probe to measure {inner}'s direct path"
+            );
+        }
+    }
+    if let Some(probe) = &cost.probe {
+        let show = |v: Option<u64>| v.map(human_us).unwrap_or_else(|| "no reply".into());
+        let _ = writeln!(
+            out,
+            "      probe: endpoint RTT now {}, with mark {} (direct) {}",
+            show(probe.current_path_rtt_us),
+            probe.fix_mark,
+            show(probe.direct_path_rtt_us)
+        );
+    }
+    if let Some(expected) = cost.expected_inner_rtt_after_fix_us {
+        let _ = writeln!(out, "      after the fix expect {inner}'s RTT around {}", human_us(expected));
+    }
 }

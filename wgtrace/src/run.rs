@@ -7,10 +7,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::{
     correlation::{self, Observations},
+    latency::{self, LatencyTracker},
     probes::{Event, Tracer},
     report::{self, Report, RouteLookups},
     topology::{Scope, Topology},
@@ -21,14 +25,94 @@ pub struct RunOptions {
     pub interval: Duration,
     pub json: bool,
     pub scope: Scope,
+    /// Send ICMP echoes along both paths of each nested tunnel (`--probe`).
+    pub probe: bool,
+}
+
+struct Session {
+    tracer: Tracer,
+    latency: LatencyTracker,
+    topology: Topology,
+    scope: Scope,
+    started: Instant,
+}
+
+impl Session {
+    /// Rediscovers tunnels, so new ones are timed and vanished ones dropped.
+    fn refresh_topology(&mut self) -> Result<()> {
+        self.topology = Topology::discover(&self.scope)?;
+        self.latency.set_topology(&self.topology);
+        self.tracer.set_tunnel_devices(&self.latency.tunnel_devices())
+    }
+
+    fn drain_events(&mut self) {
+        for event in self.tracer.drain_events() {
+            match event {
+                Event::Plaintext(p) => self.latency.on_plaintext(&p),
+                Event::Transmit(t) => self.latency.on_transmit(&t),
+                Event::Packet(p) => {
+                    log::debug!(
+                        "netns {} if {} ({}): WireGuard type {} port {} -> {} mark {:#x}",
+                        p.key.netns,
+                        p.key.ifindex,
+                        String::from_utf8_lossy(&p.ifname).trim_end_matches('\0'),
+                        p.message_type,
+                        p.key.sport,
+                        p.key.dport,
+                        p.key.mark
+                    );
+                    self.latency.on_handshake(&p);
+                }
+                Event::Route(r) => log::debug!(
+                    "netns {} route lookup mark {:#x} table {} -> if {} (error {})",
+                    r.key.netns,
+                    r.key.mark,
+                    r.key.table,
+                    r.result_ifindex,
+                    r.error
+                ),
+            }
+        }
+    }
+
+    fn report(&self) -> Result<Report> {
+        let flows = self.tracer.flows()?;
+        let routes = self.tracer.routes()?;
+        let seen = Observations { flows: &flows, routes: &routes };
+        let mut tunnels = correlation::correlate(&self.topology, &seen, &self.topology);
+        latency::annotate(&mut tunnels, &self.latency);
+        let route_lookups = correlation::lookups_by_mark_and_table(&routes)
+            .into_iter()
+            .map(|(mark, table, lookups)| RouteLookups { mark, table, lookups })
+            .collect();
+        Ok(Report {
+            tunnels,
+            events_lost: self.tracer.events_lost()?,
+            route_lookups,
+            duration_seconds: self.started.elapsed().as_secs_f64(),
+        })
+    }
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
     let started = Instant::now();
-    let mut tracer = Tracer::start()?;
+    let tracer = Tracer::start()?;
     for hook in &tracer.hooks {
         log::info!("hook {}: {}", hook.name, if hook.active { "active" } else { "inactive" });
     }
+    let mut session = Session {
+        tracer,
+        latency: LatencyTracker::new(),
+        topology: Topology::default(),
+        scope: options.scope,
+        started,
+    };
+    session.refresh_topology()?;
+    // SAFETY: the ring buffer's fd is owned by `session.tracer`, declared
+    // before `ring` and so dropped after it; the fd stays valid while registered.
+    let ring = unsafe { AsyncFd::register(session.tracer.events_fd()) }
+        .map_err(|e| e.into_parts().1)
+        .context("watching the ring buffer")?;
     let live = !options.json && std::io::stderr().is_terminal();
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut ticker = tokio::time::interval(options.interval);
@@ -36,13 +120,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     loop {
         tokio::select! {
+            ready = ring.readable() => {
+                let mut guard = ready?;
+                session.drain_events();
+                guard.clear_ready();
+            }
             _ = ticker.tick() => {
-                handle_events(tracer.drain_events());
+                session.refresh_topology()?;
+                session.drain_events();
                 if live {
-                    let report = build_report(&tracer, &options.scope, started)?;
+                    let report = session.report()?;
                     let mut err = std::io::stderr().lock();
                     // Clear the screen and redraw from the top.
-                    let _ = write!(err, "\x1b[H\x1b[2J{}", report::render(&report, &tracer.hooks));
+                    let _ = write!(err, "\x1b[H\x1b[2J{}", report::render(&report, &session.tracer.hooks));
                 }
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -50,56 +140,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
         }
     }
-    handle_events(tracer.drain_events());
-    let report = build_report(&tracer, &options.scope, started)?;
+    session.drain_events();
+    session.refresh_topology()?;
+    let mut report = session.report()?;
+    if options.probe {
+        latency::probe_nested(&mut report.tunnels, &session.topology);
+    }
     if options.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", report::render(&report, &tracer.hooks));
+        print!("{}", report::render(&report, &session.tracer.hooks));
     }
     Ok(())
-}
-
-fn handle_events(events: Vec<Event>) {
-    for event in events {
-        match event {
-            Event::Packet(p) => log::debug!(
-                "netns {} if {} {}: WireGuard type {} {}:{} -> {}:{} mark {:#x}",
-                p.key.netns,
-                p.key.ifindex,
-                String::from_utf8_lossy(&p.ifname).trim_end_matches('\0'),
-                p.message_type,
-                p.key.family,
-                p.key.sport,
-                p.key.family,
-                p.key.dport,
-                p.key.mark
-            ),
-            Event::Route(r) => log::debug!(
-                "netns {} route lookup mark {:#x} table {} -> if {} (error {})",
-                r.key.netns,
-                r.key.mark,
-                r.key.table,
-                r.result_ifindex,
-                r.error
-            ),
-        }
-    }
-}
-
-fn build_report(tracer: &Tracer, scope: &Scope, started: Instant) -> Result<Report> {
-    let topology = Topology::discover(scope)?;
-    let flows = tracer.flows()?;
-    let routes = tracer.routes()?;
-    let tunnels = correlation::correlate(&topology, &Observations { flows: &flows, routes: &routes }, &topology);
-    let route_lookups = correlation::lookups_by_mark_and_table(&routes)
-        .into_iter()
-        .map(|(mark, table, lookups)| RouteLookups { mark, table, lookups })
-        .collect();
-    Ok(Report {
-        tunnels,
-        events_lost: tracer.events_lost()?,
-        route_lookups,
-        duration_seconds: started.elapsed().as_secs_f64(),
-    })
 }

@@ -438,14 +438,48 @@ pub fn client_wg(interface: &str, args: &[&str]) -> Result<String> {
     run("nsenter", &full)
 }
 
-/// Sets wg1's mark and re-sets its peer's endpoint: wireguard-go keeps the
-/// source address it last used until the endpoint is set again.
+/// Sets wg1's mark and re-sets its peer's endpoint. wireguard-go pins the
+/// source address (and interface) of the last packet it received, so a reply
+/// still in flight on the old path would pin it there again: wait for those
+/// to drain (one delayed round trip) before re-setting, and check the path
+/// really moved when the delay line makes that visible.
 fn set_wg1_mark(mark: u32) -> Result<()> {
     let state = load_state()?;
     let peer = state.public_keys.get(&format!("{ROUTER}/wg1")).context("wg1 server key missing from lab state")?;
     client_wg("wg1", &["set", "wg1", "fwmark", &mark.to_string()])?;
-    client_wg("wg1", &["set", "wg1", "peer", peer, "endpoint", WG1_ENDPOINT])?;
-    wait_for_ping(WG1_REMOTE, Duration::from_secs(10))
+    let drain = Duration::from_millis(2 * state.delay_ms + 100);
+    let nested_expected = mark != state.wg0_mark;
+    for _ in 0..3 {
+        std::thread::sleep(drain);
+        client_wg("wg1", &["set", "wg1", "peer", peer, "endpoint", WG1_ENDPOINT])?;
+        wait_for_ping(WG1_REMOTE, Duration::from_secs(10))?;
+        if state.delay_ms == 0 {
+            return Ok(());
+        }
+        let rtt = ping_ms(WG1_REMOTE, 3)?;
+        if (rtt > state.delay_ms as f64) == nested_expected {
+            return Ok(());
+        }
+    }
+    bail!("wg1's path did not follow its new mark {mark} after three endpoint resets")
+}
+
+/// Forces a fresh handshake on the client's `interface`: the peer is removed
+/// and added back, so the next packet starts a handshake.
+pub fn rekey(interface: &str) -> Result<()> {
+    let state = load_state()?;
+    let spec = [&WG0, &WG1, &WG2, &WG3]
+        .into_iter()
+        .find(|s| s.name == interface)
+        .with_context(|| format!("no lab tunnel {interface}"))?;
+    let peer = state
+        .public_keys
+        .get(&format!("{}/{interface}", spec.server_namespace))
+        .with_context(|| format!("{interface} is not up in this lab"))?;
+    let allowed = spec.client_allowed.replace(' ', "");
+    client_wg(interface, &["set", interface, "peer", peer, "remove"])?;
+    client_wg(interface, &["set", interface, "peer", peer, "endpoint", spec.endpoint, "allowed-ips", &allowed])?;
+    Ok(())
 }
 
 pub fn fix() -> Result<()> {

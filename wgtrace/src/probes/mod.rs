@@ -15,8 +15,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use wgtrace_common::{
-    COUNTER_EVENTS_LOST, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, FlowKey, FlowStats, PacketEvent, RouteEvent,
-    RouteKey, RouteStats,
+    COUNTER_EVENTS_LOST, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT,
+    FlowKey, FlowStats, PacketEvent, PlaintextEvent, RouteEvent, RouteKey, RouteStats, TransmitEvent,
 };
 
 /// A hook wgtrace wants, and what it is for when it is missing.
@@ -67,6 +67,8 @@ pub struct HookStatus {
 pub enum Event {
     Packet(PacketEvent),
     Route(RouteEvent),
+    Plaintext(PlaintextEvent),
+    Transmit(TransmitEvent),
 }
 
 pub struct Tracer {
@@ -171,6 +173,23 @@ impl Tracer {
         Ok(out)
     }
 
+    /// Tells the kernel side which devices are tunnels (where plaintext
+    /// packets are timed), adding new ones and removing vanished ones.
+    pub fn set_tunnel_devices(&mut self, devices: &std::collections::HashSet<(u64, u32)>) -> Result<()> {
+        let mut map: aya::maps::HashMap<_, DeviceKey, u8> =
+            aya::maps::HashMap::try_from(self.ebpf.map_mut("TUNNEL_DEVICES").context("TUNNEL_DEVICES map missing")?)?;
+        let wanted: std::collections::HashSet<DeviceKey> =
+            devices.iter().map(|(netns, ifindex)| DeviceKey { netns: *netns as u32, ifindex: *ifindex }).collect();
+        let stale: Vec<DeviceKey> = map.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
+        for key in stale {
+            let _ = map.remove(&key);
+        }
+        for key in wanted {
+            map.insert(key, 1, 0).context("updating TUNNEL_DEVICES")?;
+        }
+        Ok(())
+    }
+
     /// Events the kernel side could not deliver (ring buffer full).
     pub fn events_lost(&self) -> Result<u64> {
         let map: PerCpuArray<_, u64> =
@@ -203,6 +222,12 @@ fn decode(record: &[u8]) -> Option<Event> {
             }
             EVENT_NEW_ROUTE if record.len() >= size_of::<RouteEvent>() => {
                 Some(Event::Route(std::ptr::read_unaligned(record.as_ptr().cast())))
+            }
+            EVENT_PLAINTEXT if record.len() >= size_of::<PlaintextEvent>() => {
+                Some(Event::Plaintext(std::ptr::read_unaligned(record.as_ptr().cast())))
+            }
+            EVENT_TRANSMIT if record.len() >= size_of::<TransmitEvent>() => {
+                Some(Event::Transmit(std::ptr::read_unaligned(record.as_ptr().cast())))
             }
             _ => None,
         }

@@ -6,6 +6,7 @@
 //! their UAPI socket in their own mount namespace. Kernel WireGuard devices
 //! are recognised by their rtnetlink kind.
 
+pub mod genl;
 pub mod netlink;
 pub mod netns;
 pub mod uapi;
@@ -114,9 +115,11 @@ impl Topology {
             let handle = ns.handle.clone();
             // A namespace can vanish between listing and entering it: that is
             // normal operation, so it is skipped quietly.
-            let Ok((links, rules_v4, rules_v6)) = netns::run_in(&ns.handle, || {
+            let Ok((links, rules_v4, rules_v6, mut kernel_devices)) = netns::run_in(&ns.handle, || {
                 let mut socket = netlink::Socket::route()?;
-                Ok((socket.links()?, socket.rules(netlink::AF_INET)?, socket.rules(netlink::AF_INET6)?))
+                let links = socket.links()?;
+                let kernel_devices = read_kernel_devices(&links);
+                Ok((links, socket.rules(netlink::AF_INET)?, socket.rules(netlink::AF_INET6)?, kernel_devices))
             }) else {
                 continue;
             };
@@ -129,9 +132,9 @@ impl Topology {
                 };
                 let device = match (&implementation, daemon) {
                     (Implementation::Userspace, Some(pid)) => read_userspace_device(pid, &link.name),
-                    _ => Err(anyhow::anyhow!(
-                        "reading kernel WireGuard devices over generic netlink is not implemented yet"
-                    )),
+                    _ => kernel_devices
+                        .remove(&link.name)
+                        .unwrap_or_else(|| Err(anyhow::anyhow!("no generic netlink answer for {}", link.name))),
                 };
                 let device = match device {
                     Ok(device) => Some(device),
@@ -176,6 +179,29 @@ impl Topology {
     pub fn route_get(&self, netns: u64, query: netlink::UdpQuery) -> Result<netlink::RouteAnswer> {
         let handle = self.namespaces.get(&netns).context("namespace vanished")?.handle.clone();
         netns::run_in(&handle, move || netlink::Socket::route()?.route_get(&query))
+    }
+}
+
+/// Kernel WireGuard devices among `links`, read over generic netlink in the
+/// calling thread's namespace. The family is only asked for when such a link
+/// exists: asking for an unregistered family makes the kernel try to load
+/// its module.
+fn read_kernel_devices(links: &[Link]) -> HashMap<String, Result<Device>> {
+    let names: Vec<&str> =
+        links.iter().filter(|l| l.kind.as_deref() == Some("wireguard")).map(|l| l.name.as_str()).collect();
+    if names.is_empty() {
+        return HashMap::new();
+    }
+    match genl::Wireguard::open() {
+        Ok(Some(mut wireguard)) => names.into_iter().map(|n| (n.to_owned(), wireguard.device(n))).collect(),
+        Ok(None) => names
+            .into_iter()
+            .map(|n| (n.to_owned(), Err(anyhow::anyhow!("the wireguard generic netlink family is not registered"))))
+            .collect(),
+        Err(err) => {
+            let text = format!("{err:#}");
+            names.into_iter().map(|n| (n.to_owned(), Err(anyhow::anyhow!("{text}")))).collect()
+        }
     }
 }
 

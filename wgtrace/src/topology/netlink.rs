@@ -5,6 +5,7 @@
 use std::{
     io,
     net::IpAddr,
+    ops::Deref,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
@@ -14,7 +15,7 @@ const NETLINK_ROUTE: i32 = 0;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x300;
+pub(crate) const NLM_F_DUMP: u16 = 0x300;
 
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
@@ -107,11 +108,38 @@ pub struct Socket {
     sequence: u32,
 }
 
+/// A received netlink message payload, zeroed when dropped: generic netlink
+/// replies (WireGuard's) carry private and preshared keys.
+pub(crate) struct ZeroOnDrop(Vec<u8>);
+
+impl Deref for ZeroOnDrop {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for ZeroOnDrop {
+    fn drop(&mut self) {
+        for byte in self.0.iter_mut() {
+            // SAFETY: an exclusive reference to an initialised byte. Volatile,
+            // because plain stores right before a free may be optimised away.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
+}
+
 impl Socket {
     /// Opens a NETLINK_ROUTE socket in the calling thread's namespace.
     pub fn route() -> Result<Self> {
+        Self::open(NETLINK_ROUTE)
+    }
+
+    /// Opens a netlink socket of `protocol` in the calling thread's namespace.
+    pub fn open(protocol: i32) -> Result<Self> {
         // SAFETY: plain socket(2); the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_ROUTE) };
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
         if fd < 0 {
             return Err(io::Error::last_os_error()).context("opening a netlink socket");
         }
@@ -119,7 +147,7 @@ impl Socket {
         Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, sequence: 1 })
     }
 
-    fn request(&mut self, message_type: u16, flags: u16, body: &[u8]) -> Result<Vec<(u16, Vec<u8>)>> {
+    pub(crate) fn request(&mut self, message_type: u16, flags: u16, body: &[u8]) -> Result<Vec<(u16, ZeroOnDrop)>> {
         self.sequence += 1;
         let length = 16 + body.len();
         let mut packet = Vec::with_capacity(length);
@@ -136,10 +164,10 @@ impl Socket {
             return Err(io::Error::last_os_error()).context("sending a netlink request");
         }
         let mut replies = Vec::new();
-        let mut buffer = vec![0u8; 1 << 16];
+        let mut buffer = ZeroOnDrop(vec![0u8; 1 << 16]);
         loop {
             // SAFETY: receiving into a buffer we own, within its length.
-            let received = unsafe { libc::recv(self.fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), 0) };
+            let received = unsafe { libc::recv(self.fd.as_raw_fd(), buffer.0.as_mut_ptr().cast(), buffer.len(), 0) };
             if received < 0 {
                 return Err(io::Error::last_os_error()).context("reading a netlink reply");
             }
@@ -149,8 +177,9 @@ impl Socket {
                     continue;
                 }
                 match kind {
-                    NLMSG_DONE => done = true,
-                    NLMSG_ERROR => {
+                    // A dump that fails part-way still ends with NLMSG_DONE,
+                    // which then carries the negative errno instead of 0.
+                    NLMSG_DONE | NLMSG_ERROR => {
                         let code = payload.get(0..4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(0);
                         if code != 0 {
                             return Err(io::Error::from_raw_os_error(-code))
@@ -158,7 +187,7 @@ impl Socket {
                         }
                         done = true;
                     }
-                    _ => replies.push((kind, payload.to_vec())),
+                    _ => replies.push((kind, ZeroOnDrop(payload.to_vec()))),
                 }
             }
             if done {
@@ -216,7 +245,7 @@ impl Socket {
     }
 }
 
-fn push_attribute(buffer: &mut Vec<u8>, kind: u16, value: &[u8]) {
+pub(crate) fn push_attribute(buffer: &mut Vec<u8>, kind: u16, value: &[u8]) {
     let length = 4 + value.len();
     buffer.extend_from_slice(&(length as u16).to_ne_bytes());
     buffer.extend_from_slice(&kind.to_ne_bytes());

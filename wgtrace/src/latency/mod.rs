@@ -1,0 +1,422 @@
+//! Where the time goes, per tunnel and peer, from packets the kernel side
+//! already sees (method and accuracy: docs/latency.md):
+//!
+//! * inner RTT: echo requests and TCP SYNs leaving a tunnel's own device,
+//!   paired with the replies arriving on it;
+//! * handshake RTT: a handshake initiation leaving (sender index I) to the
+//!   response arriving (receiver index I), wherever the transport travels;
+//! * transmit latency: a sampled plaintext packet entering the tunnel device
+//!   to its encrypted form leaving the host's last egress device.
+//!
+//! Timestamps come from the kernel (`bpf_ktime_get_ns`); pairing happens
+//! here, in bounded maps.
+
+pub mod histogram;
+pub mod pending;
+pub mod probe;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+};
+
+use wgtrace_common::{
+    AF_INET, DIR_EGRESS, DIR_INGRESS, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK,
+    PacketEvent, PlaintextEvent, TransmitEvent,
+    wire::{MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE},
+};
+
+pub use histogram::{LatencyHistogram, Summary};
+use pending::Pending;
+
+use serde::Serialize;
+
+use crate::{
+    correlation::{Nesting, TunnelReport},
+    topology::{Topology, prefix_contains},
+};
+
+/// How many unanswered requests (and handshakes) are remembered.
+const PENDING_CAPACITY: usize = 8192;
+
+fn address(family: u16, bytes: &[u8; 16]) -> IpAddr {
+    if family == AF_INET { IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]) } else { IpAddr::from(*bytes) }
+}
+
+/// A request and its reply share this key once the kernel side has put
+/// both in the requester's terms (local id or port, remote address).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ProbeKey {
+    netns: u32,
+    ifindex: u32,
+    tcp: bool,
+    id: u16,
+    port: u16,
+    sequence: u32,
+    remote: IpAddr,
+}
+
+/// A tunnel device, by namespace inode and ifindex.
+pub type Device = (u64, u32);
+
+#[derive(Default)]
+pub struct LatencyTracker {
+    probes: Option<Pending<ProbeKey, u64>>,
+    handshakes: Option<Pending<(u32, u16, u32), u64>>,
+    /// Per device and peer (public key; empty when no peer's AllowedIPs match).
+    inner: HashMap<(Device, String), LatencyHistogram>,
+    /// Per (netns, local port, remote endpoint).
+    handshake: HashMap<(u64, u16, SocketAddr), LatencyHistogram>,
+    transmit: HashMap<Device, LatencyHistogram>,
+    /// Tunnel devices with their peers' AllowedIPs, from the last topology.
+    peers_of_device: HashMap<Device, Vec<((IpAddr, u8), String)>>,
+}
+
+impl LatencyTracker {
+    pub fn new() -> Self {
+        Self {
+            probes: Some(Pending::new(PENDING_CAPACITY)),
+            handshakes: Some(Pending::new(PENDING_CAPACITY)),
+            ..Self::default()
+        }
+    }
+
+    pub fn set_topology(&mut self, topology: &Topology) {
+        self.peers_of_device = topology
+            .tunnels
+            .iter()
+            .map(|t| {
+                let peers = t
+                    .device
+                    .iter()
+                    .flat_map(|d| &d.peers)
+                    .flat_map(|p| p.allowed_ips.iter().map(move |prefix| (*prefix, p.public_key.clone())))
+                    .collect();
+                ((t.netns, t.ifindex), peers)
+            })
+            .collect();
+    }
+
+    pub fn tunnel_devices(&self) -> HashSet<Device> {
+        self.peers_of_device.keys().copied().collect()
+    }
+
+    /// The peer whose AllowedIPs hold `remote` most specifically.
+    fn peer_for(&self, device: Device, remote: IpAddr) -> String {
+        self.peers_of_device
+            .get(&device)
+            .and_then(|peers| {
+                peers
+                    .iter()
+                    .filter(|((net, len), _)| prefix_contains(*net, *len, remote))
+                    .max_by_key(|((_, len), _)| *len)
+                    .map(|(_, key)| key.clone())
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn on_plaintext(&mut self, event: &PlaintextEvent) {
+        let key = ProbeKey {
+            netns: event.device.netns,
+            ifindex: event.device.ifindex,
+            tcp: matches!(event.what, PLAINTEXT_SYN | PLAINTEXT_SYN_ACK),
+            id: event.id,
+            port: event.port_or_zero,
+            sequence: event.sequence,
+            remote: address(event.family, &event.remote),
+        };
+        let pending = self.probes.get_or_insert_with(|| Pending::new(PENDING_CAPACITY));
+        match event.what {
+            PLAINTEXT_ECHO_REQUEST | PLAINTEXT_SYN => pending.insert(key, event.timestamp_ns),
+            PLAINTEXT_ECHO_REPLY | PLAINTEXT_SYN_ACK => {
+                let Some(sent) = pending.take(&key) else { return };
+                let Some(rtt) = event.timestamp_ns.checked_sub(sent) else { return };
+                let device = (key.netns as u64, key.ifindex);
+                let peer = self.peer_for(device, key.remote);
+                self.inner.entry((device, peer)).or_default().record_ns(rtt);
+            }
+            _ => {}
+        }
+    }
+
+    pub fn on_handshake(&mut self, event: &PacketEvent) {
+        let key = &event.key;
+        let pending = self.handshakes.get_or_insert_with(|| Pending::new(PENDING_CAPACITY));
+        match (event.message_type, key.direction) {
+            (MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS) => {
+                pending.insert_if_absent((key.netns, key.sport, event.sender), event.timestamp_ns);
+            }
+            (MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS) => {
+                let Some(sent) = pending.take(&(key.netns, key.dport, event.receiver)) else { return };
+                let Some(rtt) = event.timestamp_ns.checked_sub(sent) else { return };
+                let remote = SocketAddr::new(address(key.family, &key.saddr), key.sport);
+                self.handshake.entry((key.netns as u64, key.dport, remote)).or_default().record_ns(rtt);
+            }
+            _ => {}
+        }
+    }
+
+    /// Only the stage that leaves through a device that is not a tunnel ends
+    /// the transmit path; earlier stages are the nested tunnel's transport
+    /// entering an outer tunnel.
+    pub fn on_transmit(&mut self, event: &TransmitEvent) {
+        let netns = event.netns as u64;
+        if self.peers_of_device.contains_key(&(netns, event.egress_ifindex)) {
+            return;
+        }
+        let Some(latency) = event.left_ns.checked_sub(event.entered_ns) else { return };
+        self.transmit.entry((netns, event.origin_ifindex)).or_default().record_ns(latency);
+    }
+
+    pub fn inner_rtt(&self, device: Device, public_key: &str) -> Option<&LatencyHistogram> {
+        self.inner.get(&(device, public_key.to_owned()))
+    }
+
+    /// Every inner RTT sample of a device, whatever the peer.
+    pub fn inner_rtt_of_device(&self, device: Device) -> LatencyHistogram {
+        let mut all = LatencyHistogram::default();
+        for ((d, _), histogram) in &self.inner {
+            if *d == device {
+                all.merge(histogram);
+            }
+        }
+        all
+    }
+
+    pub fn handshake_rtt(&self, netns: u64, port: u16, endpoint: SocketAddr) -> Option<&LatencyHistogram> {
+        self.handshake.get(&(netns, port, endpoint)).or_else(|| {
+            // An IPv4 endpoint may be reported in IPv4-mapped IPv6 form.
+            self.handshake.iter().find_map(|((n, p, e), h)| {
+                (*n == netns
+                    && *p == port
+                    && e.port() == endpoint.port()
+                    && e.ip().to_canonical() == endpoint.ip().to_canonical())
+                .then_some(h)
+            })
+        })
+    }
+
+    pub fn transmit(&self, device: Device) -> Option<&LatencyHistogram> {
+        self.transmit.get(&device)
+    }
+
+    /// Requests dropped unanswered because the pending maps were full.
+    pub fn evicted(&self) -> u64 {
+        self.probes.as_ref().map_or(0, Pending::evicted) + self.handshakes.as_ref().map_or(0, Pending::evicted)
+    }
+}
+
+/// The JSON `latency` object of a peer; counts are 0 where nothing was seen.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PeerLatency {
+    pub inner_rtt_us: Summary,
+    pub handshake_rtt_us: Summary,
+    /// Measured per tunnel device, so the same for every peer of a tunnel.
+    pub transmit_us: Summary,
+    #[serde(skip)]
+    pub inner_rtt_histogram: Option<LatencyHistogram>,
+}
+
+/// What riding inside the outer tunnel costs a nested peer's round trips.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct NestingCost {
+    pub outer_interface: String,
+    /// The outer tunnel's own inner RTT (p50), when traffic over it was seen.
+    pub outer_inner_rtt_p50_us: Option<u64>,
+    /// Estimated extra RTT from the nesting: measured by `--probe` when
+    /// given, else the outer tunnel's RTT.
+    pub estimated_cost_us: Option<u64>,
+    /// The nested tunnel's RTT to expect after the fix.
+    pub expected_inner_rtt_after_fix_us: Option<u64>,
+    pub probe: Option<ProbeReport>,
+}
+
+/// `--probe` results: echoes to the endpoint along each path.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ProbeReport {
+    pub current_path_rtt_us: Option<u64>,
+    pub direct_path_rtt_us: Option<u64>,
+    pub fix_mark: u32,
+}
+
+/// Puts each peer's latency into the reports and, for nested peers, sets
+/// their RTT next to the outer tunnel's.
+pub fn annotate(reports: &mut [TunnelReport], tracker: &LatencyTracker) {
+    let outer_rtt: HashMap<(u64, String), Summary> = reports
+        .iter()
+        .map(|t| {
+            ((t.netns_inode, t.interface.clone()), tracker.inner_rtt_of_device((t.netns_inode, t.ifindex)).summary())
+        })
+        .collect();
+    for tunnel in reports.iter_mut() {
+        let device = (tunnel.netns_inode, tunnel.ifindex);
+        let transmit = tracker.transmit(device).map(LatencyHistogram::summary).unwrap_or_default();
+        let single_peer = tunnel.peers.len() == 1;
+        for peer in &mut tunnel.peers {
+            let mut inner = tracker.inner_rtt(device, &peer.public_key).cloned();
+            if single_peer {
+                // With one peer every sample is its own, even to addresses
+                // outside its AllowedIPs (which the kernel would not route).
+                inner = Some(tracker.inner_rtt_of_device(device));
+            }
+            let handshake = match (peer.endpoint, tunnel.listen_port) {
+                (Some(endpoint), Some(port)) => tracker.handshake_rtt(tunnel.netns_inode, port, endpoint),
+                _ => None,
+            };
+            peer.latency = Some(PeerLatency {
+                inner_rtt_us: inner.as_ref().map(LatencyHistogram::summary).unwrap_or_default(),
+                handshake_rtt_us: handshake.map(LatencyHistogram::summary).unwrap_or_default(),
+                transmit_us: transmit,
+                inner_rtt_histogram: inner.filter(|h| !h.is_empty()),
+            });
+            if let (Some(outer), Some(Nesting::Accidental)) = (&peer.nested_in, peer.nesting) {
+                let outer_p50 =
+                    outer_rtt.get(&(tunnel.netns_inode, outer.clone())).filter(|s| s.count > 0).map(|s| s.p50);
+                let own_p50 = peer.latency.as_ref().map(|l| l.inner_rtt_us).filter(|s| s.count > 0).map(|s| s.p50);
+                peer.nesting_cost = Some(NestingCost {
+                    outer_interface: outer.clone(),
+                    outer_inner_rtt_p50_us: outer_p50,
+                    estimated_cost_us: outer_p50,
+                    expected_inner_rtt_after_fix_us: own_p50.zip(outer_p50).map(|(own, cost)| own.saturating_sub(cost)),
+                    probe: None,
+                });
+            }
+        }
+    }
+}
+
+/// `--probe`: measures both paths to each accidentally nested peer's
+/// endpoint and replaces the estimate with the measured difference.
+pub fn probe_nested(reports: &mut [TunnelReport], topology: &Topology) {
+    for tunnel in reports.iter_mut() {
+        let Some(handle) = topology.namespaces.get(&tunnel.netns_inode).map(|n| n.handle.clone()) else { continue };
+        for peer in &mut tunnel.peers {
+            let (Some(endpoint), Some(fix), Some(transport), Some(cost)) =
+                (peer.endpoint, &peer.fix_details, &peer.transport, peer.nesting_cost.as_mut())
+            else {
+                continue;
+            };
+            let measure = |mark| match probe::echo_rtt(&handle, endpoint.ip(), mark, 5) {
+                Ok(rtt) => rtt,
+                Err(err) => {
+                    log::warn!("--probe to {endpoint} with mark {mark:#x}: {err:#}");
+                    None
+                }
+            };
+            let current = measure(transport.mark);
+            let direct = measure(fix.mark);
+            cost.probe =
+                Some(ProbeReport { current_path_rtt_us: current, direct_path_rtt_us: direct, fix_mark: fix.mark });
+            if let (Some(current), Some(direct)) = (current, direct) {
+                let extra = current.saturating_sub(direct);
+                cost.estimated_cost_us = Some(extra);
+                let own = peer.latency.as_ref().map(|l| l.inner_rtt_us).filter(|s| s.count > 0).map(|s| s.p50);
+                // Without inner traffic, the direct path's RTT is the best guess.
+                cost.expected_inner_rtt_after_fix_us = Some(own.map_or(direct, |own| own.saturating_sub(extra)));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wgtrace_common::{DeviceKey, FlowKey};
+
+    use super::*;
+
+    fn echo(what: u8, direction: u8, sequence: u32, at_ms: u64) -> PlaintextEvent {
+        let mut remote = [0u8; 16];
+        remote[..4].copy_from_slice(&[203, 0, 113, 1]);
+        PlaintextEvent {
+            what,
+            direction,
+            family: AF_INET,
+            timestamp_ns: at_ms * 1_000_000,
+            device: DeviceKey { netns: 7, ifindex: 3 },
+            remote,
+            id: 42,
+            sequence,
+            ..PlaintextEvent::default()
+        }
+    }
+
+    #[test]
+    fn pairs_echoes_despite_reordering_duplicates_and_loss() {
+        let mut t = LatencyTracker::new();
+        t.on_plaintext(&echo(PLAINTEXT_ECHO_REQUEST, DIR_EGRESS, 1, 0));
+        t.on_plaintext(&echo(PLAINTEXT_ECHO_REQUEST, DIR_EGRESS, 2, 10));
+        t.on_plaintext(&echo(PLAINTEXT_ECHO_REQUEST, DIR_EGRESS, 3, 20)); // never answered
+        t.on_plaintext(&echo(PLAINTEXT_ECHO_REPLY, DIR_INGRESS, 2, 50)); // 40 ms, out of order
+        t.on_plaintext(&echo(PLAINTEXT_ECHO_REPLY, DIR_INGRESS, 1, 41)); // 41 ms
+        t.on_plaintext(&echo(PLAINTEXT_ECHO_REPLY, DIR_INGRESS, 1, 90)); // duplicate: ignored
+        t.on_plaintext(&echo(PLAINTEXT_ECHO_REPLY, DIR_INGRESS, 9, 95)); // no request: ignored
+        let s = t.inner_rtt_of_device((7, 3)).summary();
+        assert_eq!(s.count, 2);
+        assert!((40_000..=41_100).contains(&s.p50), "{s:?}");
+        assert!((41_000..=41_100).contains(&s.max), "{s:?}");
+    }
+
+    #[test]
+    fn attributes_rtt_to_the_peer_by_allowed_ips() {
+        let mut t = LatencyTracker::new();
+        t.peers_of_device.insert(
+            (7, 3),
+            vec![
+                (("0.0.0.0".parse().unwrap(), 0), "default".into()),
+                (("203.0.113.0".parse().unwrap(), 24), "specific".into()),
+            ],
+        );
+        t.on_plaintext(&echo(PLAINTEXT_ECHO_REQUEST, DIR_EGRESS, 1, 0));
+        t.on_plaintext(&echo(PLAINTEXT_ECHO_REPLY, DIR_INGRESS, 1, 5));
+        assert_eq!(t.inner_rtt((7, 3), "specific").map(|h| h.summary().count), Some(1));
+        assert!(t.inner_rtt((7, 3), "default").is_none());
+    }
+
+    fn handshake(message_type: u8, direction: u8, index: u32, at_ms: u64) -> PacketEvent {
+        let mut key = FlowKey { netns: 7, family: AF_INET, direction, ..FlowKey::default() };
+        let (local, remote) = (51821, 51821);
+        if direction == DIR_EGRESS {
+            key.sport = local;
+            key.dport = remote;
+        } else {
+            key.sport = remote;
+            key.dport = local;
+            key.saddr[..4].copy_from_slice(&[192, 0, 2, 200]);
+        }
+        let (sender, receiver) = if message_type == MESSAGE_HANDSHAKE_INITIATION { (index, 0) } else { (99, index) };
+        PacketEvent { message_type, key, sender, receiver, timestamp_ns: at_ms * 1_000_000, ..PacketEvent::default() }
+    }
+
+    #[test]
+    fn handshake_rtt_pairs_by_sender_index() {
+        let mut t = LatencyTracker::new();
+        t.on_handshake(&handshake(MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS, 5, 0));
+        t.on_handshake(&handshake(MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS, 5, 3)); // seen again elsewhere
+        t.on_handshake(&handshake(MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS, 6, 30)); // another handshake's
+        t.on_handshake(&handshake(MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS, 5, 42));
+        let endpoint: SocketAddr = "192.0.2.200:51821".parse().unwrap();
+        let s = t.handshake_rtt(7, 51821, endpoint).unwrap().summary();
+        assert_eq!(s.count, 1);
+        assert!((41_900..=42_100).contains(&s.p50), "timed from the first sighting: {s:?}");
+    }
+
+    #[test]
+    fn transmit_ends_at_the_first_non_tunnel_device() {
+        let mut t = LatencyTracker::new();
+        t.peers_of_device.insert((7, 3), vec![]); // wg1
+        t.peers_of_device.insert((7, 2), vec![]); // wg0
+        let stage = |stage, egress, left_us: u64| TransmitEvent {
+            stage,
+            entered_ns: 0,
+            left_ns: left_us * 1000,
+            netns: 7,
+            origin_ifindex: 3,
+            egress_ifindex: egress,
+            ..TransmitEvent::default()
+        };
+        t.on_transmit(&stage(1, 2, 150)); // wg1's transport entering wg0: not the end
+        t.on_transmit(&stage(2, 9, 400)); // leaving the veth
+        let s = t.transmit((7, 3)).unwrap().summary();
+        assert_eq!((s.count, s.max), (1, 400));
+    }
+}
