@@ -139,7 +139,7 @@ fn render_latency(out: &mut String, latency: &PeerLatency) {
             let _ = writeln!(out, "      {name}: {}", summary_text(summary));
         }
     }
-    if let Some(histogram) = &latency.inner_rtt_histogram {
+    if let Some(histogram) = &latency.histograms.inner_rtt {
         out.push_str(&histogram.render_log2("        "));
     }
 }

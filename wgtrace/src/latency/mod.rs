@@ -213,8 +213,16 @@ pub struct PeerLatency {
     pub handshake_rtt_us: Summary,
     /// Measured per tunnel device, so the same for every peer of a tunnel.
     pub transmit_us: Summary,
+    /// The histograms behind the summaries, for the terminal and the exporter.
     #[serde(skip)]
-    pub inner_rtt_histogram: Option<LatencyHistogram>,
+    pub histograms: PeerHistograms,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PeerHistograms {
+    pub inner_rtt: Option<LatencyHistogram>,
+    pub handshake_rtt: Option<LatencyHistogram>,
+    pub transmit: Option<LatencyHistogram>,
 }
 
 /// What riding inside the outer tunnel costs a nested peer's round trips.
@@ -250,7 +258,6 @@ pub fn annotate(reports: &mut [TunnelReport], tracker: &LatencyTracker) {
         .collect();
     for tunnel in reports.iter_mut() {
         let device = (tunnel.netns_inode, tunnel.ifindex);
-        let transmit = tracker.transmit(device).map(LatencyHistogram::summary).unwrap_or_default();
         let single_peer = tunnel.peers.len() == 1;
         for peer in &mut tunnel.peers {
             let mut inner = tracker.inner_rtt(device, &peer.public_key).cloned();
@@ -263,11 +270,16 @@ pub fn annotate(reports: &mut [TunnelReport], tracker: &LatencyTracker) {
                 (Some(endpoint), Some(port)) => tracker.handshake_rtt(tunnel.netns_inode, port, endpoint),
                 _ => None,
             };
+            let transmit = tracker.transmit(device);
             peer.latency = Some(PeerLatency {
                 inner_rtt_us: inner.as_ref().map(LatencyHistogram::summary).unwrap_or_default(),
                 handshake_rtt_us: handshake.map(LatencyHistogram::summary).unwrap_or_default(),
-                transmit_us: transmit,
-                inner_rtt_histogram: inner.filter(|h| !h.is_empty()),
+                transmit_us: transmit.map(LatencyHistogram::summary).unwrap_or_default(),
+                histograms: PeerHistograms {
+                    inner_rtt: inner.filter(|h| !h.is_empty()),
+                    handshake_rtt: handshake.cloned(),
+                    transmit: transmit.cloned(),
+                },
             });
             if let (Some(outer), Some(Nesting::Accidental)) = (&peer.nested_in, peer.nesting) {
                 let outer_p50 =
