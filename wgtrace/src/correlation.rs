@@ -44,9 +44,14 @@ pub struct Transport {
     pub route_table: Option<u32>,
     /// The policy rule that led to that table.
     pub rule: Option<String>,
-    pub packets: u64,
-    pub bytes: u64,
-    pub received_packets: u64,
+    /// Packet counts, when the path was seen in packets (`run`), not
+    /// predicted from routing (`check`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packets: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received_packets: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
@@ -145,14 +150,9 @@ pub fn correlate(topology: &Topology, seen: &Observations, oracle: &dyn RouteOra
     reports
 }
 
-fn correlate_peer(
-    topology: &Topology,
-    tunnel: &Tunnel,
-    peer: &crate::topology::Peer,
-    seen: &Observations,
-    oracle: &dyn RouteOracle,
-) -> PeerReport {
-    let mut report = PeerReport {
+/// A peer report with nothing known yet.
+pub fn empty_peer_report(peer: &crate::topology::Peer) -> PeerReport {
+    PeerReport {
         public_key: peer.public_key.clone(),
         endpoint: peer.endpoint,
         transport: None,
@@ -164,7 +164,17 @@ fn correlate_peer(
         explanation: None,
         latency: None,
         nesting_cost: None,
-    };
+    }
+}
+
+fn correlate_peer(
+    topology: &Topology,
+    tunnel: &Tunnel,
+    peer: &crate::topology::Peer,
+    seen: &Observations,
+    oracle: &dyn RouteOracle,
+) -> PeerReport {
+    let mut report = empty_peer_report(peer);
     let (Some(device), Some(endpoint)) = (tunnel.device.as_ref(), peer.endpoint) else {
         return report;
     };
@@ -201,30 +211,64 @@ fn correlate_peer(
     let kernel_answer = oracle.route_get(tunnel.netns, query).ok();
     let route_table = observed_table(seen.routes, tunnel, current, endpoint, device.listen_port)
         .or(kernel_answer.as_ref().and_then(|a| a.table));
-    let rules =
-        topology.namespaces.get(&tunnel.netns).map(|ns| if endpoint.is_ipv4() { &ns.rules_v4 } else { &ns.rules_v6 });
     let rule = route_table.and_then(|table| {
-        deciding_rule(rules?, current.mark, endpoint.ip(), table, kernel_answer.as_ref().map(|a| a.prefix_len))
+        deciding_rule_in(
+            topology,
+            tunnel.netns,
+            current.mark,
+            endpoint.ip(),
+            table,
+            kernel_answer.map(|a| a.prefix_len),
+        )
     });
-
-    let egress_interface = topology
-        .link_name(tunnel.netns, current.ifindex)
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("ifindex {}", current.ifindex));
     report.transport = Some(Transport {
-        egress_interface: egress_interface.clone(),
+        egress_interface: interface_name(topology, tunnel.netns, current.ifindex),
         mark: current.mark,
         route_table,
         rule: rule.map(Rule::describe),
-        packets,
-        bytes,
-        received_packets,
+        packets: Some(packets),
+        bytes: Some(bytes),
+        received_packets: Some(received_packets),
     });
+    judge_path(topology, tunnel, query, current.ifindex, rule, oracle, &mut report);
+    report
+}
 
+pub fn interface_name(topology: &Topology, netns: u64, ifindex: u32) -> String {
+    topology.link_name(netns, ifindex).map(str::to_owned).unwrap_or_else(|| format!("ifindex {ifindex}"))
+}
+
+/// The rule that led to `table` in `netns`, for this family.
+pub fn deciding_rule_in(
+    topology: &Topology,
+    netns: u64,
+    mark: u32,
+    destination: IpAddr,
+    table: u32,
+    prefix_len: Option<u8>,
+) -> Option<&Rule> {
+    let ns = topology.namespaces.get(&netns)?;
+    let rules = if destination.is_ipv4() { &ns.rules_v4 } else { &ns.rules_v6 };
+    deciding_rule(rules, mark, destination, table, prefix_len)
+}
+
+/// Judges a transport path, however it was learned (from packets by `run`,
+/// from the kernel's routing by `check`): whether it leads into another
+/// tunnel, deliberately or not, why, and the verified fix.
+pub fn judge_path(
+    topology: &Topology,
+    tunnel: &Tunnel,
+    query: UdpQuery,
+    egress_ifindex: u32,
+    rule: Option<&Rule>,
+    oracle: &dyn RouteOracle,
+    report: &mut PeerReport,
+) {
+    let endpoint = SocketAddr::new(query.destination, query.destination_port);
     let Some(outer) =
-        topology.tunnel_on_ifindex(tunnel.netns, current.ifindex).filter(|o| o.interface != tunnel.interface)
+        topology.tunnel_on_ifindex(tunnel.netns, egress_ifindex).filter(|o| o.interface != tunnel.interface)
     else {
-        return report;
+        return;
     };
     report.nested_in = Some(outer.interface.clone());
     let specific_route = outer
@@ -238,11 +282,9 @@ fn correlate_peer(
     let nesting = if specific_route > 0 { Nesting::Deliberate } else { Nesting::Accidental };
     report.nesting = Some(nesting);
 
-    let via = match (&report.transport, rule) {
-        (Some(Transport { route_table: Some(table), .. }), Some(rule)) => {
-            format!("rule `{}` sends them to table {}, ", rule.describe(), table_name(*table))
-        }
-        (Some(Transport { route_table: Some(table), .. }), None) => format!("table {} ", table_name(*table)),
+    let via = match (report.transport.as_ref().and_then(|t| t.route_table), rule) {
+        (Some(table), Some(rule)) => format!("rule `{}` sends them to table {}, ", rule.describe(), table_name(table)),
+        (Some(table), None) => format!("table {} ", table_name(table)),
         _ => String::new(),
     };
     let outer_mark = outer.device.as_ref().map(|d| d.fwmark).unwrap_or(0);
@@ -252,7 +294,7 @@ fn correlate_peer(
              {inner} is nested inside {outer_name} (double encapsulation), captured by {outer_name}'s full-tunnel \
              default route. {outer_name} marks its own transport {outer_mark:#x} to bypass that route; {inner} does not.",
             inner = tunnel.interface,
-            mark = current.mark,
+            mark = query.mark,
             outer_name = outer.interface,
         ),
         Nesting::Deliberate => format!(
@@ -263,7 +305,7 @@ fn correlate_peer(
         ),
     });
     if nesting == Nesting::Accidental {
-        report.fix_details = find_fix(topology, tunnel, outer, current.mark, query, oracle);
+        report.fix_details = find_fix(topology, tunnel, outer, query, oracle);
         report.fix = report.fix_details.as_ref().map(|fix| {
             format!(
                 "set FwMark = {mark} on {inner} so its transport bypasses {outer_name} (verified: it would leave via {via}); \
@@ -276,7 +318,6 @@ fn correlate_peer(
             )
         });
     }
-    report
 }
 
 fn same_ip(a: IpAddr, b: IpAddr) -> bool {
@@ -333,10 +374,10 @@ fn find_fix(
     topology: &Topology,
     tunnel: &Tunnel,
     outer: &Tunnel,
-    current_mark: u32,
     query: UdpQuery,
     oracle: &dyn RouteOracle,
 ) -> Option<Fix> {
+    let current_mark = query.mark;
     let mut candidates: Vec<u32> = outer.device.iter().map(|d| d.fwmark).filter(|m| *m != 0).collect();
     if let Some(ns) = topology.namespaces.get(&tunnel.netns) {
         candidates.extend(ns.rules_v4.iter().chain(&ns.rules_v6).filter_map(|r| r.fwmark).filter(|m| *m != 0));
@@ -395,4 +436,239 @@ pub fn lookups_by_mark_and_table(routes: &HashMap<RouteKey, RouteStats>) -> Vec<
     let mut out: Vec<_> = totals.into_iter().map(|((m, t), n)| (m, t, n)).collect();
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    //! Correlation on recorded event sequences: the maps as the kernel side
+    //! leaves them, a topology as discovery returns it, and a routing oracle
+    //! standing in for RTM_GETROUTE.
+
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::topology::{Device, Namespace, Peer, netlink::Link};
+
+    const NS: u64 = 4026532000;
+    const LO: u32 = 1;
+    const C0: u32 = 2;
+    const WG0: u32 = 3;
+    const WG1: u32 = 4;
+    const WG2: u32 = 5;
+    const MARK: u32 = 51820;
+    const WG1_ENDPOINT: &str = "192.0.2.200:51821";
+
+    fn rule(priority: u32, table: u32, fwmark: Option<u32>, invert: bool, suppress: Option<u32>) -> Rule {
+        Rule {
+            family: 2,
+            priority,
+            action: FR_ACT_TO_TBL,
+            table,
+            invert,
+            fwmark,
+            fwmask: fwmark.map(|_| u32::MAX),
+            suppress_prefixlen: suppress,
+            ..Rule::default()
+        }
+    }
+
+    fn tunnel(name: &str, ifindex: u32, port: u16, fwmark: u32, endpoint: &str, allowed: &[&str]) -> Tunnel {
+        Tunnel {
+            netns: NS,
+            netns_label: "client".into(),
+            interface: name.into(),
+            ifindex,
+            implementation: Implementation::Userspace,
+            daemon_pid: None,
+            device: Some(Device {
+                listen_port: port,
+                fwmark,
+                peers: vec![Peer {
+                    public_key: format!("{name}-peer"),
+                    endpoint: Some(endpoint.parse().unwrap()),
+                    allowed_ips: allowed.iter().map(|a| crate::topology::parse_prefix(a).unwrap()).collect(),
+                    last_handshake_sec: 0,
+                }],
+            }),
+        }
+    }
+
+    /// The lab's client: wg0 full tunnel with wg-quick's rules, wg1 for one
+    /// /24, wg2 whose endpoint is inside wg1's AllowedIPs.
+    fn topology() -> Topology {
+        let link = |index, name: &str| Link { index, name: name.into(), kind: None };
+        let namespace = Namespace {
+            label: "client".into(),
+            links: vec![link(LO, "lo"), link(C0, "c0"), link(WG0, "wg0"), link(WG1, "wg1"), link(WG2, "wg2")],
+            rules_v4: vec![
+                rule(0, 255, None, false, None),
+                rule(32764, 254, None, false, Some(0)),
+                rule(32765, MARK, Some(MARK), true, None),
+                rule(32766, 254, None, false, None),
+            ],
+            rules_v6: vec![],
+            handle: "/proc/self/ns/net".into(),
+        };
+        Topology {
+            own_netns: NS,
+            namespaces: [(NS, namespace)].into(),
+            tunnels: vec![
+                tunnel("wg0", WG0, 51820, MARK, "198.51.100.2:51820", &["0.0.0.0/0"]),
+                tunnel("wg1", WG1, 51821, 0, WG1_ENDPOINT, &["203.0.113.0/24"]),
+                tunnel("wg2", WG2, 51822, 0, "203.0.113.1:51822", &["198.18.2.0/24"]),
+            ],
+        }
+    }
+
+    /// Routing as the lab's client does it: the full tunnel's table for
+    /// everything unmarked, 203.0.113.0/24 via wg1, main otherwise.
+    struct LabRouting;
+
+    impl RouteOracle for LabRouting {
+        fn route_get(&self, _netns: u64, query: UdpQuery) -> Result<RouteAnswer> {
+            let in_wg1 = prefix_contains("203.0.113.0".parse().unwrap(), 24, query.destination);
+            let (oif, table, prefix_len) = match (in_wg1, query.mark == MARK) {
+                (true, _) => (WG1, 254, 24),
+                (false, true) => (C0, 254, 0),
+                (false, false) => (WG0, MARK, 0),
+            };
+            Ok(RouteAnswer { oif: Some(oif), prefix_len, table: Some(table), gateway: None, prefsrc: None })
+        }
+    }
+
+    /// Routing where no mark escapes wg0.
+    struct EverythingIntoWg0;
+
+    impl RouteOracle for EverythingIntoWg0 {
+        fn route_get(&self, _netns: u64, _query: UdpQuery) -> Result<RouteAnswer> {
+            Ok(RouteAnswer { oif: Some(WG0), prefix_len: 0, table: Some(MARK), gateway: None, prefsrc: None })
+        }
+    }
+
+    fn flow(ifindex: u32, sport: u16, destination: &str, mark: u32, last_seen_ns: u64) -> (FlowKey, FlowStats) {
+        let endpoint: SocketAddr = destination.parse().unwrap();
+        let IpAddr::V4(v4) = endpoint.ip() else { panic!("IPv4 only here") };
+        let mut key = FlowKey {
+            netns: NS as u32,
+            ifindex,
+            mark,
+            family: wgtrace_common::AF_INET,
+            direction: DIR_EGRESS,
+            sport,
+            dport: endpoint.port(),
+            ..FlowKey::default()
+        };
+        key.saddr[..4].copy_from_slice(&Ipv4Addr::new(192, 0, 2, 2).octets());
+        key.daddr[..4].copy_from_slice(&v4.octets());
+        (key, FlowStats { packets: 10, bytes: 1280, last_seen_ns })
+    }
+
+    fn lookup(table: u32, mark: u32, result_ifindex: u32, last_seen_ns: u64) -> (RouteKey, RouteStats) {
+        let mut key = RouteKey {
+            netns: NS as u32,
+            mark,
+            table,
+            family: wgtrace_common::AF_INET,
+            sport: 51821,
+            dport: 51821,
+            ..RouteKey::default()
+        };
+        key.daddr[..4].copy_from_slice(&[192, 0, 2, 200]);
+        (key, RouteStats { lookups: 5, last_seen_ns, result_ifindex, error: 0 })
+    }
+
+    fn wg1_report(
+        flows: &[(FlowKey, FlowStats)],
+        routes: &[(RouteKey, RouteStats)],
+        oracle: &dyn RouteOracle,
+    ) -> PeerReport {
+        let flows: HashMap<_, _> = flows.iter().copied().collect();
+        let routes: HashMap<_, _> = routes.iter().copied().collect();
+        let reports = correlate(&topology(), &Observations { flows: &flows, routes: &routes }, oracle);
+        reports.into_iter().find(|t| t.interface == "wg1").unwrap().peers.remove(0)
+    }
+
+    #[test]
+    fn broken_wg1_is_nested_and_the_used_table_is_the_one_that_pointed_at_wg0() {
+        // One send visits main first (default route via c0, suppressed by
+        // suppress_prefixlength 0), then 51820 (default via wg0).
+        let peer = wg1_report(
+            &[flow(WG1 + 100, 1, "9.9.9.9:9", 0, 1), flow(WG0, 51821, WG1_ENDPOINT, 0, 100)],
+            &[lookup(254, 0, C0, 100), lookup(MARK, 0, WG0, 100)],
+            &LabRouting,
+        );
+        let transport = peer.transport.as_ref().unwrap();
+        assert_eq!(transport.egress_interface, "wg0");
+        assert_eq!((transport.mark, transport.route_table), (0, Some(MARK)));
+        assert_eq!(transport.rule.as_deref(), Some("32765: not from all fwmark 0xca6c lookup 51820"));
+        assert_eq!(peer.nested_in.as_deref(), Some("wg0"));
+        assert_eq!(peer.nesting, Some(Nesting::Accidental));
+        let fix = peer.fix_details.unwrap();
+        assert_eq!((fix.mark, fix.verified_egress_interface.as_str()), (MARK, "c0"));
+        assert_eq!(fix.wg_set, "wg set wg1 fwmark 51820");
+        assert!(peer.explanation.unwrap().contains("captured by wg0's full-tunnel default route"));
+    }
+
+    #[test]
+    fn after_the_fix_the_newest_path_wins() {
+        let peer = wg1_report(
+            &[flow(WG0, 51821, WG1_ENDPOINT, 0, 100), flow(C0, 51821, WG1_ENDPOINT, MARK, 200)],
+            &[lookup(MARK, 0, WG0, 100), lookup(254, MARK, C0, 200)],
+            &LabRouting,
+        );
+        let transport = peer.transport.unwrap();
+        assert_eq!((transport.egress_interface.as_str(), transport.mark), ("c0", MARK));
+        assert_eq!(transport.route_table, Some(254));
+        assert_eq!(transport.rule.as_deref(), Some("32766: from all lookup main"), "main via default: not 32764");
+        assert!(peer.nested_in.is_none() && peer.fix.is_none());
+    }
+
+    #[test]
+    fn a_socket_that_is_not_wg1_does_not_make_wg1_nested() {
+        // An impostor on another port sends WireGuard-shaped packets to wg1's
+        // endpoint through wg0, more recently than wg1's own direct packets.
+        let peer = wg1_report(
+            &[flow(C0, 51821, WG1_ENDPOINT, MARK, 100), flow(WG0, 40000, WG1_ENDPOINT, 0, 500)],
+            &[],
+            &LabRouting,
+        );
+        assert_eq!(peer.transport.unwrap().egress_interface, "c0");
+        assert!(peer.nested_in.is_none());
+    }
+
+    #[test]
+    fn no_packets_no_verdict() {
+        let peer = wg1_report(&[], &[], &LabRouting);
+        assert!(peer.transport.is_none() && peer.nested_in.is_none() && peer.fix.is_none());
+    }
+
+    #[test]
+    fn a_fix_that_would_not_bypass_is_not_suggested() {
+        let peer = wg1_report(&[flow(WG0, 51821, WG1_ENDPOINT, 0, 100)], &[], &EverythingIntoWg0);
+        assert_eq!(peer.nested_in.as_deref(), Some("wg0"));
+        assert!(peer.fix.is_none() && peer.fix_details.is_none());
+        assert_eq!(peer.transport.unwrap().route_table, Some(MARK), "table from the kernel when no lookup was seen");
+    }
+
+    #[test]
+    fn deliberate_nesting_and_chains() {
+        let flows: HashMap<_, _> =
+            [flow(WG0, 51821, WG1_ENDPOINT, 0, 100), flow(WG1, 51822, "203.0.113.1:51822", 0, 100)]
+                .into_iter()
+                .collect();
+        let reports = correlate(&topology(), &Observations { flows: &flows, routes: &HashMap::new() }, &LabRouting);
+        let wg2 = &reports.iter().find(|t| t.interface == "wg2").unwrap().peers[0];
+        assert_eq!(wg2.nested_in.as_deref(), Some("wg1"));
+        assert_eq!(wg2.nesting, Some(Nesting::Deliberate));
+        assert_eq!(wg2.chain, ["wg1", "wg0"]);
+        assert!(wg2.fix.is_none(), "deliberate nesting needs no fix");
+        let wg0 = &reports.iter().find(|t| t.interface == "wg0").unwrap().peers[0];
+        assert!(wg0.transport.is_none() && wg0.chain.is_empty());
+    }
+
+    #[test]
+    fn lookups_are_totalled_per_mark_and_table() {
+        let routes: HashMap<_, _> = [lookup(254, 0, C0, 1), lookup(MARK, 0, WG0, 1)].into_iter().collect();
+        assert_eq!(lookups_by_mark_and_table(&routes), vec![(0, 254, 5), (0, MARK, 5)]);
+    }
 }

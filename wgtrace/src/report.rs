@@ -61,7 +61,9 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
                     let _ = writeln!(
                         out,
                         "leaves via {} (mark {:#x}, table {table}), {} packets",
-                        t.egress_interface, t.mark, t.packets
+                        t.egress_interface,
+                        t.mark,
+                        t.packets.unwrap_or(0)
                     );
                     if let Some(rule) = &t.rule {
                         let _ = writeln!(out, "      rule: {rule}");
