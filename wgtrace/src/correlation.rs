@@ -404,7 +404,7 @@ fn find_fix(
 }
 
 /// Follows `nested_in` links to list every outer tunnel, innermost first.
-fn fill_chains(reports: &mut [TunnelReport]) {
+pub fn fill_chains(reports: &mut [TunnelReport]) {
     let outer_of: HashMap<(u64, String), String> = reports
         .iter()
         .flat_map(|t| {

@@ -6,7 +6,9 @@
 //! * [`latency`]: inner, handshake and transmit latency histograms.
 //! * [`report`]: terminal and JSON output.
 //! * [`run`]: the `wgtrace run` command that ties them together.
+//! * [`check`]: `wgtrace check`, the static diagnosis from routing alone.
 
+pub mod check;
 pub mod correlation;
 pub mod latency;
 pub mod probes;

@@ -10,6 +10,7 @@ pub mod genl;
 pub mod netlink;
 pub mod netns;
 pub mod uapi;
+pub mod wgquick;
 
 use std::{
     collections::{BTreeMap, HashMap},

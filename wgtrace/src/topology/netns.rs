@@ -76,6 +76,11 @@ pub fn pids() -> Vec<u32> {
 /// Sockets it opens stay bound to that namespace. Only that thread switches,
 /// so the rest of wgtrace is unaffected.
 pub fn run_in<T: Send + 'static>(handle: &Path, work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    // Our own namespace needs no setns, and so no CAP_SYS_ADMIN: this keeps
+    // `wgtrace check` usable unprivileged.
+    if inode_of(handle).ok() == own_inode().ok() {
+        return work();
+    }
     let file = fs::File::open(handle).with_context(|| format!("opening network namespace {}", handle.display()))?;
     let handle = handle.to_owned();
     std::thread::spawn(move || {

@@ -1,0 +1,433 @@
+//! `wgtrace check`: a static diagnosis in about a second, without eBPF.
+//! Where each tunnel's transport *would* go is asked of the kernel itself
+//! (RTM_GETROUTE with the tunnel's mark and ports), then judged by the same
+//! code that judges packets in `wgtrace run`.
+
+use std::{fmt::Write as _, io::IsTerminal as _, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+use crate::{
+    correlation::{
+        self, Nesting, PeerReport, RouteOracle, Transport, TunnelReport, deciding_rule_in, empty_peer_report,
+        interface_name, judge_path,
+    },
+    topology::{
+        Implementation, Scope, Topology, Tunnel,
+        netlink::{FR_ACT_TO_TBL, Rule, UdpQuery, table_name},
+        wgquick,
+    },
+};
+
+pub struct CheckOptions {
+    pub scope: Scope,
+    pub json: bool,
+    /// A wg-quick config to judge before it is brought up.
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// `nested`, `routing_loop`, `no_route`, `no_bypass_mark`, `mark_overlap`, `unreadable`.
+    pub kind: &'static str,
+    pub netns: String,
+    pub interface: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub tunnels: Vec<TunnelReport>,
+    pub findings: Vec<Finding>,
+    /// What could not be looked at for lack of privilege.
+    pub privilege_notes: Vec<String>,
+    /// False when something could not be looked at, so "no problems found"
+    /// would not mean healthy.
+    pub complete: bool,
+}
+
+impl CheckReport {
+    /// 0 healthy, 1 problems found, 2 could not check everything.
+    pub fn exit_code(&self) -> u8 {
+        if self.findings.iter().any(|f| f.severity >= Severity::Warning) {
+            1
+        } else if !self.complete {
+            2
+        } else {
+            0
+        }
+    }
+}
+
+pub fn check(options: &CheckOptions) -> Result<CheckReport> {
+    let mut topology = Topology::discover(&options.scope)?;
+    let mut privilege_notes = privilege_notes();
+    if let Some(path) = &options.config {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config = wgquick::parse(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "config".into());
+        anyhow::ensure!(
+            !topology.tunnels.iter().any(|t| t.netns == topology.own_netns && t.interface == name),
+            "{name} is already up here; check it without --config"
+        );
+        topology.tunnels.push(Tunnel {
+            netns: topology.own_netns,
+            netns_label: format!("{} (not up: {})", topology.netns_label(topology.own_netns), path.display()),
+            interface: name,
+            ifindex: 0,
+            implementation: Implementation::Userspace,
+            daemon_pid: None,
+            device: Some(config.device),
+        });
+    }
+    let mut findings = Vec::new();
+    let mut tunnels = Vec::new();
+    for tunnel in &topology.tunnels {
+        let Some(device) = &tunnel.device else {
+            findings.push(Finding {
+                severity: Severity::Warning,
+                kind: "unreadable",
+                netns: tunnel.netns_label.clone(),
+                interface: Some(tunnel.interface.clone()),
+                message: format!(
+                    "{}'s configuration could not be read ({} WireGuard); run as root to include it",
+                    tunnel.interface,
+                    tunnel.implementation.as_str()
+                ),
+            });
+            continue;
+        };
+        let peers = device.peers.iter().map(|peer| check_peer(&topology, tunnel, peer, &mut findings)).collect();
+        tunnels.push(TunnelReport {
+            interface: tunnel.interface.clone(),
+            netns: tunnel.netns_label.clone(),
+            netns_inode: tunnel.netns,
+            ifindex: tunnel.ifindex,
+            implementation: tunnel.implementation.clone(),
+            fwmark: Some(device.fwmark),
+            listen_port: Some(device.listen_port),
+            peers,
+        });
+    }
+    correlation::fill_chains(&mut tunnels);
+    for namespace in topology.namespaces.values() {
+        for rules in [&namespace.rules_v4, &namespace.rules_v6] {
+            findings.extend(mark_overlaps(rules).into_iter().map(|message| Finding {
+                severity: Severity::Warning,
+                kind: "mark_overlap",
+                netns: namespace.label.clone(),
+                interface: None,
+                message,
+            }));
+        }
+    }
+    let unprivileged = unsafe { libc::geteuid() } != 0;
+    let mut complete = !findings.iter().any(|f| f.kind == "unreadable");
+    if unprivileged && options.config.is_none() {
+        privilege_notes.push("run as root (sudo wgtrace check) to include every tunnel".into());
+        complete = false;
+    }
+    findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+    Ok(CheckReport { tunnels, findings, privilege_notes, complete })
+}
+
+fn check_peer(
+    topology: &Topology,
+    tunnel: &Tunnel,
+    peer: &crate::topology::Peer,
+    findings: &mut Vec<Finding>,
+) -> PeerReport {
+    let mut report = empty_peer_report(peer);
+    let (Some(device), Some(endpoint)) = (&tunnel.device, peer.endpoint) else { return report };
+    let finding = |severity, kind, message| Finding {
+        severity,
+        kind,
+        netns: tunnel.netns_label.clone(),
+        interface: Some(tunnel.interface.clone()),
+        message,
+    };
+    let query = UdpQuery {
+        destination: endpoint.ip(),
+        source_port: device.listen_port,
+        destination_port: endpoint.port(),
+        mark: device.fwmark,
+    };
+    let answer = match topology.route_get(tunnel.netns, query) {
+        Ok(answer) => answer,
+        Err(err) => {
+            findings.push(finding(
+                Severity::Error,
+                "no_route",
+                format!(
+                    "{}'s endpoint {endpoint} is unreachable with mark {:#x}: {err:#}",
+                    tunnel.interface, query.mark
+                ),
+            ));
+            return report;
+        }
+    };
+    let Some(oif) = answer.oif else { return report };
+    let predicted_loop = tunnel.ifindex == 0 && would_route_own_endpoint(device, endpoint.ip());
+    let rule = answer.table.and_then(|table| {
+        deciding_rule_in(topology, tunnel.netns, query.mark, endpoint.ip(), table, Some(answer.prefix_len))
+    });
+    report.transport = Some(Transport {
+        egress_interface: interface_name(topology, tunnel.netns, oif),
+        mark: query.mark,
+        route_table: answer.table,
+        rule: rule.map(Rule::describe),
+        packets: None,
+        bytes: None,
+        received_packets: None,
+    });
+    if oif == tunnel.ifindex || predicted_loop {
+        findings.push(finding(
+            Severity::Error,
+            "routing_loop",
+            format!(
+                "{name}'s endpoint {endpoint} is inside {name}'s own AllowedIPs and nothing routes its transport around \
+                 it: its encrypted packets would loop into {name} itself. Give {name} a FwMark with a rule that \
+                 bypasses its table (wg-quick does this for AllowedIPs = 0.0.0.0/0), or exclude the endpoint.",
+                name = tunnel.interface
+            ),
+        ));
+        return report;
+    }
+    judge_path(topology, tunnel, query, oif, rule, topology as &dyn RouteOracle, &mut report);
+    match (report.nesting, &report.fix_details) {
+        (Some(Nesting::Accidental), Some(fix)) => findings.push(finding(
+            Severity::Warning,
+            "nested",
+            format!(
+                "{} is nested inside {}; fix: {} (verified: would leave via {})",
+                tunnel.interface,
+                report.nested_in.as_deref().unwrap_or("?"),
+                fix.wg_quick,
+                fix.verified_egress_interface
+            ),
+        )),
+        (Some(Nesting::Accidental), None) => findings.push(finding(
+            Severity::Error,
+            "no_bypass_mark",
+            format!(
+                "{} is nested inside {}, and no mark used in this namespace's rules would take its transport around it",
+                tunnel.interface,
+                report.nested_in.as_deref().unwrap_or("?")
+            ),
+        )),
+        (Some(Nesting::Deliberate), _) => {
+            findings.push(finding(Severity::Info, "nested", report.explanation.clone().unwrap_or_default()))
+        }
+        (None, _) => {}
+    }
+    report
+}
+
+/// For a config not yet up: wg-quick would route its AllowedIPs into the
+/// tunnel, so an endpoint inside a specific AllowedIP (not the /0 that
+/// wg-quick bypasses with its mark) would be sent into the tunnel itself.
+fn would_route_own_endpoint(device: &crate::topology::Device, endpoint: std::net::IpAddr) -> bool {
+    device
+        .peers
+        .iter()
+        .flat_map(|p| &p.allowed_ips)
+        .any(|(net, len)| *len > 0 && crate::topology::prefix_contains(*net, *len, endpoint))
+}
+
+/// Who usually owns a mark: a hint for mark overlap findings.
+fn known_owner(mark: u32, mask: u32) -> Option<&'static str> {
+    match (mark, mask) {
+        (0x80000, 0xff0000) => Some("Tailscale"),
+        (51820, _) => Some("wg-quick"),
+        (51821..=51899, _) => Some("NetworkManager"),
+        _ => None,
+    }
+}
+
+/// Pairs of rules whose mark selectors can match the same mark but lead to
+/// different tables: the later one never sees those packets.
+pub fn mark_overlaps(rules: &[Rule]) -> Vec<String> {
+    let marked: Vec<&Rule> = rules.iter().filter(|r| r.action == FR_ACT_TO_TBL && r.fwmark.is_some()).collect();
+    let mut out = Vec::new();
+    for (i, first) in marked.iter().enumerate() {
+        for second in &marked[i + 1..] {
+            let (m1, k1) = (first.fwmark.unwrap_or(0), first.fwmask.unwrap_or(u32::MAX));
+            let (m2, k2) = (second.fwmark.unwrap_or(0), second.fwmask.unwrap_or(u32::MAX));
+            if first.invert != second.invert || first.table == second.table || (m1 ^ m2) & k1 & k2 != 0 {
+                continue;
+            }
+            let owner = |m, k| known_owner(m, k).map(|o| format!(" ({o})")).unwrap_or_default();
+            out.push(format!(
+                "rules `{}`{} and `{}`{} select overlapping marks but different tables ({} vs {}): the first wins, \
+                 so traffic meant for table {} never gets there",
+                first.describe(),
+                owner(m1, k1),
+                second.describe(),
+                owner(m2, k2),
+                table_name(first.table),
+                table_name(second.table),
+                table_name(second.table)
+            ));
+        }
+    }
+    out
+}
+
+fn privilege_notes() -> Vec<String> {
+    if unsafe { libc::geteuid() } == 0 {
+        return Vec::new();
+    }
+    vec![
+        "not root: userspace WireGuard daemons (their UAPI sockets under /proc/PID/root) are not visible".into(),
+        "not root: kernel WireGuard configuration needs CAP_NET_ADMIN".into(),
+        "not root: other network namespaces need CAP_SYS_ADMIN to enter".into(),
+    ]
+}
+
+pub fn render(report: &CheckReport, colour: bool) -> String {
+    let paint = |severity: Severity, text: &str| {
+        if !colour {
+            return text.to_owned();
+        }
+        let code = match severity {
+            Severity::Error => "31;1",
+            Severity::Warning => "33;1",
+            Severity::Info => "36",
+        };
+        format!("\x1b[{code}m{text}\x1b[0m")
+    };
+    let mut out = String::new();
+    for tunnel in &report.tunnels {
+        let mark = tunnel.fwmark.filter(|m| *m != 0).map(|m| format!("{m:#x}")).unwrap_or_else(|| "off".into());
+        let _ = writeln!(
+            out,
+            "{} in {} (fwmark {mark}, port {})",
+            tunnel.interface,
+            tunnel.netns,
+            tunnel.listen_port.unwrap_or(0)
+        );
+        for peer in &tunnel.peers {
+            let endpoint = peer.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "no endpoint".into());
+            match &peer.transport {
+                Some(t) => {
+                    let table = t.route_table.map(table_name).unwrap_or_else(|| "?".into());
+                    let _ = writeln!(out, "  → {endpoint}: would leave via {} (table {table})", t.egress_interface);
+                    if let Some(rule) = &t.rule {
+                        let _ = writeln!(out, "    rule: {rule}");
+                    }
+                }
+                None => {
+                    let _ = writeln!(out, "  → {endpoint}: no route");
+                }
+            }
+            if let Some(why) = &peer.explanation {
+                let _ = writeln!(out, "    why: {why}");
+            }
+            if let Some(fix) = &peer.fix_details {
+                let _ = writeln!(out, "    fix: {}", fix.wg_quick);
+                let _ = writeln!(out, "         now: {}", fix.wg_set);
+                let _ = writeln!(out, "         systemd-networkd: {}", fix.systemd_networkd);
+                let _ = writeln!(out, "         NetworkManager: {}", fix.network_manager);
+            }
+        }
+    }
+    if report.tunnels.is_empty() {
+        out.push_str("No WireGuard tunnels found.\n");
+    }
+    for finding in &report.findings {
+        let label = format!("{:?}", finding.severity).to_uppercase();
+        let _ = writeln!(out, "{} [{}] {}", paint(finding.severity, &label), finding.kind, finding.message);
+    }
+    for note in &report.privilege_notes {
+        let _ = writeln!(out, "note: {note}");
+    }
+    match report.exit_code() {
+        0 => out.push_str("healthy: no tunnel's transport is captured by another\n"),
+        2 => out.push_str("incomplete: no problems found in what could be checked (see the notes above)\n"),
+        _ => {}
+    }
+    out
+}
+
+/// Runs `wgtrace check` and returns its exit status (0 healthy, 1 problems).
+pub fn main(options: &CheckOptions) -> Result<u8> {
+    let report = check(options)?;
+    if options.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report, std::io::stdout().is_terminal()));
+    }
+    Ok(report.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marked(priority: u32, mark: u32, mask: u32, table: u32, invert: bool) -> Rule {
+        Rule {
+            family: 2,
+            priority,
+            action: FR_ACT_TO_TBL,
+            table,
+            invert,
+            fwmark: Some(mark),
+            fwmask: Some(mask),
+            ..Rule::default()
+        }
+    }
+
+    #[test]
+    fn overlapping_marks_with_different_tables_are_flagged() {
+        let tailscale = marked(5270, 0x80000, 0xff0000, 52, false);
+        let colliding = marked(6000, 0x8ca6c, u32::MAX, 100, false); // has 0x80000 in Tailscale's byte
+        let found = mark_overlaps(&[tailscale.clone(), colliding]);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].contains("Tailscale") && found[0].contains("table 100 never"), "{}", found[0]);
+    }
+
+    #[test]
+    fn disjoint_or_same_table_marks_are_fine() {
+        let tailscale = marked(5270, 0x80000, 0xff0000, 52, false);
+        let wg_quick = marked(32765, 51820, u32::MAX, 51820, true);
+        let other = marked(100, 0xca6c, u32::MAX, 51820, false);
+        assert!(mark_overlaps(&[tailscale, wg_quick, other.clone()]).is_empty());
+        assert!(mark_overlaps(&[other.clone(), marked(200, 0xca6c, u32::MAX, 51820, false)]).is_empty());
+    }
+
+    #[test]
+    fn rendering_says_healthy_or_names_the_problem() {
+        let healthy = CheckReport { tunnels: vec![], findings: vec![], privilege_notes: vec![], complete: true };
+        assert!(render(&healthy, false).contains("healthy"));
+        assert_eq!(healthy.exit_code(), 0);
+        let broken = CheckReport {
+            tunnels: vec![],
+            findings: vec![Finding {
+                severity: Severity::Warning,
+                kind: "nested",
+                netns: "host".into(),
+                interface: Some("wg1".into()),
+                message: "wg1 is nested inside wg0".into(),
+            }],
+            privilege_notes: vec![],
+            complete: true,
+        };
+        let text = render(&broken, true);
+        assert!(text.contains("\x1b[33;1mWARNING\x1b[0m [nested] wg1 is nested inside wg0"), "{text}");
+        assert!(!text.contains("healthy"));
+        assert_eq!(broken.exit_code(), 1);
+        let partial = CheckReport { complete: false, ..healthy };
+        assert_eq!(partial.exit_code(), 2);
+        assert!(render(&partial, false).contains("incomplete"));
+    }
+}

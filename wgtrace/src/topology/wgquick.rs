@@ -1,0 +1,149 @@
+//! wg-quick configuration files, for `wgtrace check --config`: what a
+//! tunnel would do before it is brought up. Private and preshared keys are
+//! skipped, never stored.
+
+use std::net::{SocketAddr, ToSocketAddrs as _};
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{Device, Peer, parse_prefix};
+
+/// wg-quick's default mark and table for a tunnel with a default route.
+pub const WG_QUICK_DEFAULT_MARK: u32 = 51820;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QuickConfig {
+    pub device: Device,
+    /// `FwMark` as written (None when absent or `off`).
+    pub fwmark: Option<u32>,
+    /// `Table` as written, lowercased (`auto` when absent).
+    pub table: String,
+}
+
+impl QuickConfig {
+    /// Whether wg-quick would install its full-tunnel policy (fwmark, table
+    /// 51820 and the `not fwmark` rule) for this config.
+    pub fn is_full_tunnel(&self) -> bool {
+        self.table == "auto" && self.device.peers.iter().flat_map(|p| &p.allowed_ips).any(|(_, len)| *len == 0)
+    }
+
+    /// The mark its transport would carry once up.
+    pub fn effective_mark(&self) -> u32 {
+        match self.fwmark {
+            Some(mark) => mark,
+            None if self.is_full_tunnel() => WG_QUICK_DEFAULT_MARK,
+            None => 0,
+        }
+    }
+}
+
+pub fn parse(text: &str) -> Result<QuickConfig> {
+    let mut config = QuickConfig { table: "auto".into(), ..QuickConfig::default() };
+    let mut section = String::new();
+    for (number, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let context = || format!("line {}: {raw}", number + 1);
+        if line.starts_with('[') {
+            section = line.trim_matches(|c| c == '[' || c == ']').trim().to_ascii_lowercase();
+            if section == "peer" {
+                config.device.peers.push(Peer::default());
+            } else if section != "interface" {
+                bail!("unknown section [{section}] ({})", context());
+            }
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else { bail!("expected KEY = VALUE ({})", context()) };
+        let (key, value) = (key.trim().to_ascii_lowercase(), value.trim());
+        match (section.as_str(), key.as_str()) {
+            ("interface", "listenport") => config.device.listen_port = value.parse().with_context(context)?,
+            ("interface", "fwmark") => config.fwmark = parse_mark(value).with_context(context)?,
+            ("interface", "table") => config.table = value.to_ascii_lowercase(),
+            ("peer", "publickey") => last_peer(&mut config)?.public_key = value.to_owned(),
+            ("peer", "endpoint") => last_peer(&mut config)?.endpoint = Some(resolve(value).with_context(context)?),
+            ("peer", "allowedips") => {
+                for prefix in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    let prefix = parse_prefix(prefix).with_context(context)?;
+                    last_peer(&mut config)?.allowed_ips.push(prefix);
+                }
+            }
+            ("", _) => bail!("setting outside any section ({})", context()),
+            _ => {} // PrivateKey, PresharedKey, Address, DNS, MTU, hooks: not needed
+        }
+    }
+    config.device.fwmark = config.effective_mark();
+    Ok(config)
+}
+
+fn last_peer(config: &mut QuickConfig) -> Result<&mut Peer> {
+    config.device.peers.last_mut().context("peer setting before any [Peer]")
+}
+
+fn parse_mark(value: &str) -> Result<Option<u32>> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let mark = match value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16)?,
+        None => value.parse()?,
+    };
+    Ok((mark != 0).then_some(mark))
+}
+
+/// `HOST:PORT` or `[V6]:PORT`; names are resolved as wg-quick would.
+fn resolve(value: &str) -> Result<SocketAddr> {
+    if let Ok(address) = value.parse() {
+        return Ok(address);
+    }
+    value.to_socket_addrs()?.next().with_context(|| format!("{value} did not resolve"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPLIT: &str = "\
+[Interface]
+PrivateKey = aGVsbG8gd29ybGQgaGVsbG8gd29ybGQgaGVsbG8gd28=
+ListenPort = 51822   # comment
+Address = 198.18.2.2/32
+
+[Peer]
+PublicKey = uFmW/sycfx/G0lcqdu2hHVm80gvo5UOxXOS9hajnWjM=
+Endpoint = 192.0.2.200:51822
+AllowedIPs = 198.18.2.0/24, 2001:db8:2::/48
+";
+
+    #[test]
+    fn a_split_tunnel_is_unmarked() {
+        let config = parse(SPLIT).unwrap();
+        assert_eq!(config.device.listen_port, 51822);
+        assert!(!config.is_full_tunnel());
+        assert_eq!(config.device.fwmark, 0);
+        let peer = &config.device.peers[0];
+        assert_eq!(peer.endpoint, Some("192.0.2.200:51822".parse().unwrap()));
+        assert_eq!(peer.allowed_ips.len(), 2);
+        assert!(!format!("{config:?}").contains("aGVsbG8"), "private key must not be kept");
+    }
+
+    #[test]
+    fn full_tunnels_get_wg_quicks_mark_unless_told_otherwise() {
+        let full = SPLIT.replace("198.18.2.0/24, 2001:db8:2::/48", "0.0.0.0/0");
+        assert_eq!(parse(&full).unwrap().device.fwmark, 51820);
+        assert_eq!(parse(&full.replace("ListenPort", "FwMark = 0x4d2\nListenPort")).unwrap().device.fwmark, 1234);
+        assert_eq!(parse(&full.replace("ListenPort", "Table = off\nListenPort")).unwrap().device.fwmark, 0);
+        assert_eq!(parse(&SPLIT.replace("ListenPort", "FwMark = off\nListenPort")).unwrap().fwmark, None);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let err = parse("[Interface]\nListenPort = lots\n").unwrap_err();
+        assert!(format!("{err:#}").contains("line 2"), "{err:#}");
+        assert!(parse("[Peer]\nEndpoint = nonsense\n").is_err());
+        assert!(parse("ListenPort = 1\n").is_err());
+        assert!(parse("[Bogus]\n").is_err());
+        assert!(parse("[Interface]\nAllowedIPs = 10.0.0.0/8\n").is_ok(), "ignored outside [Peer]");
+    }
+}
