@@ -35,6 +35,9 @@ struct Session {
     topology: Topology,
     scope: Scope,
     started: Instant,
+    /// Set when transport packets arrived and no verdict was logged yet.
+    awaiting_first_verdict: bool,
+    first_verdict_logged: bool,
 }
 
 impl Session {
@@ -62,6 +65,7 @@ impl Session {
                         p.key.mark
                     );
                     self.latency.on_handshake(&p);
+                    self.awaiting_first_verdict |= !self.first_verdict_logged;
                 }
                 Event::Route(r) => log::debug!(
                     "netns {} route lookup mark {:#x} table {} -> if {} (error {})",
@@ -73,6 +77,33 @@ impl Session {
                 ),
             }
         }
+    }
+
+    /// Logs how long after start the first tunnel got a verdict from
+    /// packets: the time-to-answer users see (and `cargo xtask bench` reads).
+    fn log_first_verdict(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.awaiting_first_verdict) {
+            return Ok(());
+        }
+        let report = self.report()?;
+        let verdict = report
+            .tunnels
+            .iter()
+            .flat_map(|t| t.peers.iter().map(move |p| (t, p)))
+            .find(|(_, p)| p.transport.is_some());
+        if let Some((tunnel, peer)) = verdict {
+            self.first_verdict_logged = true;
+            log::info!(
+                "first verdict after {} ms: {} {}",
+                self.started.elapsed().as_millis(),
+                tunnel.interface,
+                match &peer.nested_in {
+                    Some(outer) => format!("nested in {outer}"),
+                    None => "direct".to_owned(),
+                }
+            );
+        }
+        Ok(())
     }
 
     fn report(&self) -> Result<Report> {
@@ -106,6 +137,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         topology: Topology::default(),
         scope: options.scope,
         started,
+        awaiting_first_verdict: false,
+        first_verdict_logged: false,
     };
     session.refresh_topology()?;
     // SAFETY: the ring buffer's fd is owned by `session.tracer`, declared
@@ -124,6 +157,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 let mut guard = ready?;
                 session.drain_events();
                 guard.clear_ready();
+                session.log_first_verdict()?;
             }
             _ = ticker.tick() => {
                 session.refresh_topology()?;
