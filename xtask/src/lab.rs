@@ -464,6 +464,39 @@ fn set_wg1_mark(mark: u32) -> Result<()> {
     bail!("wg1's path did not follow its new mark {mark} after three endpoint resets")
 }
 
+/// Brings up one of the extra tunnels (`wg2`, `wg3`) on a running lab, as a
+/// user would while wgtrace traces.
+pub fn add_tunnel(interface: &str) -> Result<()> {
+    let spec = [&WG2, &WG3]
+        .into_iter()
+        .find(|s| s.name == interface)
+        .with_context(|| format!("no extra tunnel {interface}"))?;
+    let mut state = load_state()?;
+    let options = LabOptions { delay_ms: state.delay_ms, ..LabOptions::default() };
+    bring_up_tunnel(spec, &options, &mut state)?;
+    find_daemons(&mut state)?;
+    save_state(&state)?;
+    let remote = if interface == "wg2" { WG2_REMOTE } else { WG3_REMOTE };
+    wait_for_ping(remote, Duration::from_secs(10))
+}
+
+/// Stops the client's daemon for `interface` and starts it again from the
+/// same config (a userspace WireGuard restart: new PID, new TUN device).
+pub fn restart_client_daemon(interface: &str) -> Result<()> {
+    let mut state = load_state()?;
+    let key = format!("{CLIENT}/{interface}");
+    let pid = *state.daemons.get(&key).with_context(|| format!("no daemon recorded for {interface}"))?;
+    stop(pid);
+    state.daemons.remove(&key);
+    let config = Path::new(STATE_DIR).join(CLIENT).join(format!("{interface}.conf"));
+    // wg-quick's own teardown ran with the daemon gone: remove what it left.
+    let _ = run("ip", &["-n", CLIENT, "link", "del", interface]);
+    wg_quick_up(CLIENT, &config)?;
+    find_daemons(&mut state)?;
+    save_state(&state)?;
+    Ok(())
+}
+
 /// Forces a fresh handshake on the client's `interface`: the peer is removed
 /// and added back, so the next packet starts a handshake.
 pub fn rekey(interface: &str) -> Result<()> {
