@@ -60,6 +60,21 @@ impl LatencyHistogram {
         }
     }
 
+    /// Samples of at most `us` microseconds (cumulative, as Prometheus
+    /// buckets count them). Exact up to hdrhistogram's 3-digit resolution.
+    pub fn count_at_most(&self, us: u64) -> u64 {
+        if self.0.is_empty() {
+            return 0;
+        }
+        self.0.count_between(0, us.clamp(LOWEST_US, HIGHEST_US))
+    }
+
+    /// Sum of all samples in microseconds (from the histogram's mean, so
+    /// within its 3-digit resolution).
+    pub fn sum_us(&self) -> f64 {
+        self.0.mean() * self.0.len() as f64
+    }
+
     pub fn merge(&mut self, other: &LatencyHistogram) {
         // Same bounds on both sides, so adding cannot fail.
         let _ = self.0.add(&other.0);
@@ -107,6 +122,19 @@ mod tests {
         assert!(near(s.p90, 90_000), "{s:?}");
         assert!(near(s.p99, 99_000), "{s:?}");
         assert!(near(s.max, 100_000), "{s:?}");
+    }
+
+    #[test]
+    fn cumulative_counts_and_sum() {
+        let mut h = LatencyHistogram::default();
+        for us in [100, 200, 40_000, 41_000] {
+            h.record_ns(us * 1000);
+        }
+        assert_eq!(h.count_at_most(99), 0);
+        assert_eq!(h.count_at_most(250), 2);
+        assert_eq!(h.count_at_most(50_000), 4);
+        assert!((h.sum_us() - 81_300.0).abs() < 81_300.0 * 0.001, "{}", h.sum_us());
+        assert_eq!(LatencyHistogram::default().count_at_most(1_000), 0);
     }
 
     #[test]

@@ -1,0 +1,476 @@
+//! The metric families, rendered from one [`Report`] snapshot per scrape by
+//! a `prometheus_client` collector, in OpenMetrics or Prometheus text 0.0.4.
+//!
+//! Labels are bounded by tunnels and interfaces: no per-flow, per-peer or
+//! per-address labels. A tunnel that is gone from the latest report is gone
+//! from the exposition.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, info::Info},
+    registry::{Registry, Unit},
+};
+
+use super::buckets::Buckets;
+use crate::report::Report;
+
+/// The exposition formats, chosen per request by [`negotiate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0.0 text, what Prometheus asks for first.
+    OpenMetrics,
+    /// The classic Prometheus text format 0.0.4 (`curl`, `promtool`, older
+    /// scrapers): the default when nothing better is asked for.
+    Prometheus,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Self::Prometheus => prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        }
+    }
+}
+
+/// Picks the format from an `Accept` header: OpenMetrics when it is asked
+/// for explicitly with a quality at least that of the classic format
+/// (`text/plain`, `text/*`, `*/*`), else the classic format.
+pub fn negotiate(accept: Option<&str>) -> Format {
+    let (mut openmetrics, mut classic) = (0.0f32, 0.0f32);
+    for range in accept.unwrap_or("").split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let (mut quality, mut version) = (1.0f32, None);
+        for parameter in parts {
+            let Some((key, value)) = parameter.split_once('=') else { continue };
+            let value = value.trim().trim_matches('"');
+            match key.trim().to_ascii_lowercase().as_str() {
+                "q" => quality = value.parse().unwrap_or(0.0),
+                "version" => version = Some(value.to_owned()),
+                _ => {}
+            }
+        }
+        match media.as_str() {
+            "application/openmetrics-text" if matches!(version.as_deref(), None | Some("1.0.0" | "0.0.1")) => {
+                openmetrics = openmetrics.max(quality)
+            }
+            "text/plain" | "text/*" | "*/*" => classic = classic.max(quality),
+            _ => {}
+        }
+    }
+    if openmetrics > 0.0 && openmetrics >= classic { Format::OpenMetrics } else { Format::Prometheus }
+}
+
+/// The exposition of `report` in `format`.
+pub fn encode(report: &Arc<Report>, format: Format) -> String {
+    // A fresh registry per scrape: everything derives from the snapshot, so
+    // vanished tunnels cannot linger.
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Snapshot(Arc::clone(report))));
+    let mut out = String::new();
+    let encoded = match format {
+        Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry),
+        Format::Prometheus => prometheus_client::encoding::prometheus_text::encode(&mut out, &registry),
+    };
+    // Writing into a String cannot fail, and the collector only fails
+    // where the writer does.
+    debug_assert!(encoded.is_ok());
+    out
+}
+
+#[derive(Debug)]
+struct Snapshot(Arc<Report>);
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        write_families(&self.0, &mut encoder)
+    }
+}
+
+/// What one tunnel (netns, interface) exposes, merged over its peers.
+#[derive(Default)]
+struct TunnelMetrics<'a> {
+    /// Tunnels its peers' transports ride inside; empty when direct.
+    outer: BTreeSet<&'a str>,
+    /// (egress interface, mark) -> (packets, bytes).
+    transport: BTreeMap<(&'a str, u32), (u64, u64)>,
+    inner_rtt: Buckets,
+    handshake_rtt: Buckets,
+    transmit: Buckets,
+}
+
+fn tunnels(report: &Report) -> BTreeMap<(&str, &str), TunnelMetrics<'_>> {
+    let mut tunnels: BTreeMap<(&str, &str), TunnelMetrics> = BTreeMap::new();
+    for tunnel in &report.tunnels {
+        let metrics = tunnels.entry((tunnel.netns.as_str(), tunnel.interface.as_str())).or_default();
+        // Handshake RTT is kept per endpoint and transmit latency per device,
+        // so peers sharing them must count them once.
+        let mut handshake_endpoints: HashSet<Option<SocketAddr>> = HashSet::new();
+        let mut transmit_seen = false;
+        for peer in &tunnel.peers {
+            if let Some(outer) = &peer.nested_in {
+                metrics.outer.insert(outer);
+            }
+            if let Some(transport) = &peer.transport {
+                let counts =
+                    metrics.transport.entry((transport.egress_interface.as_str(), transport.mark)).or_default();
+                counts.0 += transport.packets.unwrap_or_default();
+                counts.1 += transport.bytes.unwrap_or_default();
+            }
+            let Some(histograms) = peer.latency.as_ref().map(|l| &l.histograms) else { continue };
+            if let Some(h) = &histograms.inner_rtt {
+                metrics.inner_rtt.add(h);
+            }
+            if let Some(h) = &histograms.handshake_rtt
+                && handshake_endpoints.insert(peer.endpoint)
+            {
+                metrics.handshake_rtt.add(h);
+            }
+            if let Some(h) = &histograms.transmit
+                && !transmit_seen
+            {
+                transmit_seen = true;
+                metrics.transmit.add(h);
+            }
+        }
+    }
+    tunnels
+}
+
+fn write_families(report: &Report, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let info = Info::new([("version", env!("CARGO_PKG_VERSION"))]);
+    info.encode(encoder.encode_descriptor("wgtrace_build", "wgtrace's version.", None, info.metric_type())?)?;
+
+    let lost = ConstCounter::new(report.events_lost);
+    lost.encode(encoder.encode_descriptor(
+        "wgtrace_events_lost",
+        "Events the kernel side could not hand over (ring buffer full); latencies miss those samples.",
+        None,
+        lost.metric_type(),
+    )?)?;
+
+    let tunnels = tunnels(report);
+
+    let mut family = encoder.encode_descriptor(
+        "wgtrace_tunnel_nested",
+        "1 when the tunnel's encrypted transport rides inside another tunnel (outer_interface), else 0.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for ((netns, interface), metrics) in &tunnels {
+        let outer: Vec<&str> =
+            if metrics.outer.is_empty() { vec![""] } else { metrics.outer.iter().copied().collect() };
+        for outer_interface in outer {
+            let labels = [("netns", *netns), ("interface", *interface), ("outer_interface", outer_interface)];
+            ConstGauge::new(i64::from(!outer_interface.is_empty())).encode(family.encode_family(&labels)?)?;
+        }
+    }
+
+    for (name, help, packets) in [
+        ("wgtrace_transport_packets", "Encrypted transport packets sent, by the interface they leave through.", true),
+        ("wgtrace_transport_bytes", "Encrypted transport bytes sent, by the interface they leave through.", false),
+    ] {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for ((netns, interface), metrics) in &tunnels {
+            for ((egress, mark), (packet_count, byte_count)) in &metrics.transport {
+                let mark = mark.to_string();
+                let labels =
+                    [("netns", *netns), ("interface", *interface), ("egress_interface", *egress), ("mark", &mark)];
+                let value = if packets { *packet_count } else { *byte_count };
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+
+    type Pick = for<'a> fn(&'a TunnelMetrics<'a>) -> &'a Buckets;
+    let histograms: [(&str, &str, Pick); 3] = [
+        ("wgtrace_inner_rtt", "Round trips through the tunnel (echo and TCP SYN to their replies), all peers.", |m| {
+            &m.inner_rtt
+        }),
+        ("wgtrace_handshake_rtt", "WireGuard handshake initiation to response, all peers.", |m| &m.handshake_rtt),
+        (
+            "wgtrace_transmit_latency",
+            "A plaintext packet entering the tunnel to its encrypted form leaving the host.",
+            |m| &m.transmit,
+        ),
+    ];
+    for (name, help, pick) in histograms {
+        let mut family = encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+        for ((netns, interface), metrics) in &tunnels {
+            let buckets = pick(metrics);
+            let labels = [("netns", *netns), ("interface", *interface)];
+            family.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                buckets.sum_seconds(),
+                buckets.count(),
+                &buckets.per_bucket(),
+                None,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        correlation::{Nesting, PeerReport, TunnelReport},
+        latency::{LatencyHistogram, PeerHistograms, PeerLatency},
+        topology::Implementation,
+    };
+
+    fn histogram(samples_ms: &[u64]) -> LatencyHistogram {
+        let mut h = LatencyHistogram::default();
+        for ms in samples_ms {
+            h.record_ns(ms * 1_000_000);
+        }
+        h
+    }
+
+    fn peer(nested_in: Option<&str>, egress: &str, mark: u32, packets: u64, rtt_ms: &[u64]) -> PeerReport {
+        PeerReport {
+            public_key: "tCfh9vIdkey=".into(),
+            endpoint: Some("192.0.2.200:51821".parse().unwrap()),
+            transport: Some(crate::correlation::Transport {
+                egress_interface: egress.into(),
+                mark,
+                route_table: Some(51820),
+                rule: None,
+                packets: Some(packets),
+                bytes: Some(packets * 100),
+                received_packets: Some(packets),
+            }),
+            nested_in: nested_in.map(Into::into),
+            nesting: nested_in.map(|_| Nesting::Accidental),
+            chain: nested_in.iter().map(|s| s.to_string()).collect(),
+            fix: None,
+            fix_details: None,
+            explanation: None,
+            latency: Some(PeerLatency {
+                histograms: PeerHistograms {
+                    inner_rtt: Some(histogram(rtt_ms)),
+                    handshake_rtt: Some(histogram(&[42])),
+                    transmit: Some(histogram(&[1])),
+                },
+                ..PeerLatency::default()
+            }),
+            nesting_cost: None,
+        }
+    }
+
+    fn tunnel(interface: &str, peers: Vec<PeerReport>) -> TunnelReport {
+        TunnelReport {
+            interface: interface.into(),
+            netns: "wgtlab-client".into(),
+            netns_inode: 4026532000,
+            ifindex: 3,
+            implementation: Implementation::Userspace,
+            fwmark: Some(0),
+            listen_port: Some(51821),
+            peers,
+        }
+    }
+
+    /// wg1 nested in wg0 with two peers (one seen via wg0, one direct),
+    /// wg0 direct.
+    pub(crate) fn nested_report() -> Arc<Report> {
+        Arc::new(Report {
+            tunnels: vec![
+                tunnel("wg0", vec![peer(None, "c0", 51820, 50, &[40, 41])]),
+                tunnel(
+                    "wg1",
+                    vec![peer(Some("wg0"), "wg0", 0, 30, &[41, 42, 43]), peer(None, "wg0", 0, 5, &[41, 1_000])],
+                ),
+            ],
+            events_lost: 7,
+            forged_packets: 0,
+            route_lookups: Vec::new(),
+            duration_seconds: 3.0,
+        })
+    }
+
+    /// `name{a="x",b="y"}` as its name and sorted labels (values unescaped).
+    fn series(text: &str) -> (String, Vec<(String, String)>) {
+        let Some((name, rest)) = text.split_once('{') else { return (text.to_owned(), Vec::new()) };
+        let mut labels = Vec::new();
+        let mut chars = rest.chars().peekable();
+        loop {
+            let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+            if key.is_empty() || chars.next() != Some('"') {
+                break;
+            }
+            let mut value = String::new();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => value.push(chars.next().map(|e| if e == 'n' { '\n' } else { e }).unwrap_or_default()),
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+            labels.push((key.trim_start_matches(',').to_owned(), value));
+        }
+        labels.sort();
+        (name.to_owned(), labels)
+    }
+
+    /// The value of `wanted` (labels in any order) in an exposition.
+    fn sample<'a>(text: &'a str, wanted: &str) -> &'a str {
+        let wanted = series(wanted);
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| line.rsplit_once(' ').filter(|(s, _)| series(s) == wanted).map(|(_, value)| value))
+            .unwrap_or_else(|| panic!("no sample {wanted:?} in:\n{text}"))
+    }
+
+    #[test]
+    fn openmetrics_exposition_of_a_nested_tunnel() {
+        let text = encode(&nested_report(), Format::OpenMetrics);
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(text.contains("# TYPE wgtrace_tunnel_nested gauge\n"), "{text}");
+        assert_eq!(
+            sample(&text, r#"wgtrace_tunnel_nested{netns="wgtlab-client",interface="wg1",outer_interface="wg0"}"#),
+            "1"
+        );
+        assert_eq!(
+            sample(&text, r#"wgtrace_tunnel_nested{netns="wgtlab-client",interface="wg0",outer_interface=""}"#),
+            "0"
+        );
+        assert!(text.contains("# TYPE wgtrace_transport_packets counter\n"), "{text}");
+        // Both wg1 peers leave via wg0 unmarked: one series, summed.
+        let wg1 = r#"{netns="wgtlab-client",interface="wg1",egress_interface="wg0",mark="0"}"#;
+        assert_eq!(sample(&text, &format!("wgtrace_transport_packets_total{wg1}")), "35");
+        assert_eq!(sample(&text, &format!("wgtrace_transport_bytes_total{wg1}")), "3500");
+        let wg0 = r#"{netns="wgtlab-client",interface="wg0",egress_interface="c0",mark="51820"}"#;
+        assert_eq!(sample(&text, &format!("wgtrace_transport_packets_total{wg0}")), "50");
+        assert_eq!(sample(&text, "wgtrace_events_lost_total"), "7");
+        assert!(text.contains("# TYPE wgtrace_build info\n"), "{text}");
+        assert!(text.contains(&format!("wgtrace_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"))));
+
+        assert!(
+            text.contains("# TYPE wgtrace_inner_rtt_seconds histogram\n# UNIT wgtrace_inner_rtt_seconds seconds\n")
+        );
+        // Peers merged: 5 samples, one of them 1 s.
+        let labels = r#"netns="wgtlab-client",interface="wg1""#;
+        assert_eq!(sample(&text, &format!("wgtrace_inner_rtt_seconds_count{{{labels}}}")), "5");
+        let le = |bound: &str| sample(&text, &format!("wgtrace_inner_rtt_seconds_bucket{{{labels},le=\"{bound}\"}}"));
+        assert_eq!(le("+Inf"), "5");
+        let buckets: Vec<(f64, u64)> = text
+            .lines()
+            .filter_map(|line| line.rsplit_once(' '))
+            .filter_map(|(name, value)| {
+                let (name, labels) = series(name);
+                let le = labels.iter().find(|(k, _)| k == "le")?.1.clone();
+                (name == "wgtrace_inner_rtt_seconds_bucket" && labels.contains(&("interface".into(), "wg1".into())))
+                    .then(|| (if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() }, value.parse().unwrap()))
+            })
+            .collect();
+        assert_eq!(buckets.len(), 19, "18 bounds and +Inf: {buckets:?}");
+        assert!(buckets.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1), "cumulative: {buckets:?}");
+        let count_at = |seconds: f64| buckets.iter().find(|(b, _)| *b >= seconds).unwrap().1;
+        assert_eq!(count_at(0.025), 0);
+        assert_eq!(count_at(0.05), 4, "40-43 ms are at or below 50 ms: {buckets:?}");
+        assert_eq!(count_at(1.0), 5);
+        let sum: f64 = sample(&text, &format!("wgtrace_inner_rtt_seconds_sum{{{labels}}}")).parse().unwrap();
+        assert!((1.15..1.18).contains(&sum), "4 × about 41 ms + 1 s: {sum}");
+        // Handshake RTT per endpoint: the two wg1 peers share one, counted once.
+        assert_eq!(sample(&text, &format!("wgtrace_handshake_rtt_seconds_count{{{labels}}}")), "1");
+        assert_eq!(sample(&text, &format!("wgtrace_transmit_latency_seconds_count{{{labels}}}")), "1");
+    }
+
+    #[test]
+    fn classic_exposition_of_a_nested_tunnel() {
+        let text = encode(&nested_report(), Format::Prometheus);
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        assert!(text.contains("# TYPE wgtrace_transport_packets_total counter\n"), "{text}");
+        assert!(text.contains("# TYPE wgtrace_events_lost_total counter\n"), "{text}");
+        assert!(text.contains("# TYPE wgtrace_build_info gauge\n"), "{text}");
+        assert!(text.contains("# TYPE wgtrace_inner_rtt_seconds histogram\n"), "{text}");
+        assert_eq!(
+            sample(&text, r#"wgtrace_tunnel_nested{netns="wgtlab-client",interface="wg1",outer_interface="wg0"}"#),
+            "1"
+        );
+        let labels = r#"netns="wgtlab-client",interface="wg1""#;
+        assert_eq!(sample(&text, &format!("wgtrace_inner_rtt_seconds_bucket{{{labels},le=\"+Inf\"}}")), "5");
+        assert_eq!(sample(&text, &format!("wgtrace_inner_rtt_seconds_count{{{labels}}}")), "5");
+        assert_eq!(sample(&text, "wgtrace_events_lost_total"), "7");
+    }
+
+    #[test]
+    fn vanished_tunnels_and_empty_reports() {
+        let empty = Arc::new(Report {
+            tunnels: Vec::new(),
+            events_lost: 0,
+            forged_packets: 0,
+            route_lookups: Vec::new(),
+            duration_seconds: 0.0,
+        });
+        for format in [Format::OpenMetrics, Format::Prometheus] {
+            let text = encode(&empty, format);
+            assert!(!text.contains("interface="), "no tunnel, no series: {text}");
+            assert!(text.contains("wgtrace_build_info{"), "{text}");
+            assert!(text.contains("wgtrace_events_lost_total 0\n"), "{text}");
+        }
+        // A tunnel without latency samples still exposes empty histograms.
+        let mut bare = tunnel("wg9", vec![peer(None, "eth0", 0, 1, &[])]);
+        bare.peers[0].latency = None;
+        let report = Arc::new(Report {
+            tunnels: vec![bare],
+            events_lost: 0,
+            forged_packets: 0,
+            route_lookups: Vec::new(),
+            duration_seconds: 1.0,
+        });
+        let text = encode(&report, Format::Prometheus);
+        assert_eq!(sample(&text, r#"wgtrace_inner_rtt_seconds_count{netns="wgtlab-client",interface="wg9"}"#), "0");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut odd = tunnel("wg\"x", vec![]);
+        odd.netns = "a\\b".into();
+        let report = Arc::new(Report {
+            tunnels: vec![odd],
+            events_lost: 0,
+            forged_packets: 0,
+            route_lookups: Vec::new(),
+            duration_seconds: 1.0,
+        });
+        let text = encode(&report, Format::OpenMetrics);
+        assert!(
+            text.contains(r#"wgtrace_tunnel_nested{netns="a\\b",interface="wg\"x",outer_interface=""} 0"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn content_negotiation() {
+        // What Prometheus 2.x sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+                          text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(negotiate(Some("application/openmetrics-text")), Format::OpenMetrics);
+        assert_eq!(negotiate(Some("application/openmetrics-text; version=0.0.1")), Format::OpenMetrics);
+        assert_eq!(
+            negotiate(Some("text/plain;version=0.0.4;q=0.9, application/openmetrics-text;q=0.5")),
+            Format::Prometheus
+        );
+        assert_eq!(negotiate(Some("text/plain; version=0.0.4")), Format::Prometheus);
+        assert_eq!(negotiate(Some("*/*")), Format::Prometheus, "curl and browsers get the classic format");
+        assert_eq!(negotiate(None), Format::Prometheus);
+        assert_eq!(negotiate(Some("")), Format::Prometheus);
+        assert_eq!(negotiate(Some("application/openmetrics-text;version=2.0.0")), Format::Prometheus);
+        assert_eq!(negotiate(Some("application/openmetrics-text;q=0")), Format::Prometheus);
+        assert_eq!(negotiate(Some("application/vnd.google.protobuf")), Format::Prometheus);
+        assert_eq!(negotiate(Some("APPLICATION/OpenMetrics-Text; Q=0.8, */*;q=0.8")), Format::OpenMetrics);
+        assert!(Format::OpenMetrics.content_type().starts_with("application/openmetrics-text; version=1.0.0"));
+        assert!(Format::Prometheus.content_type().starts_with("text/plain; version=0.0.4"));
+    }
+}
