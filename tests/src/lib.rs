@@ -4,7 +4,6 @@
 
 use std::{
     fs::File,
-    os::fd::AsRawFd as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
 };
@@ -43,11 +42,7 @@ pub struct LabGuard {
 
 impl LabGuard {
     pub fn up(options: &lab::LabOptions) -> Result<Self> {
-        let lock = File::create("/run/wgtrace-lab.lock")?;
-        // SAFETY: flock on a file we own; released when it is closed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            anyhow::bail!("locking the lab: {}", std::io::Error::last_os_error());
-        }
+        let lock = lab::lock()?;
         lab::up(options)?;
         Ok(Self { _lock: lock })
     }
@@ -107,6 +102,10 @@ impl Trace {
         Ok(Self(Some(child)))
     }
 
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().expect("running").id()
+    }
+
     /// Waits for the run to end and parses its report.
     pub fn report(mut self) -> Result<serde_json::Value> {
         let output = self.0.take().expect("running").wait_with_output()?;
@@ -137,4 +136,65 @@ pub fn client_tunnel<'a>(report: &'a serde_json::Value, interface: &str) -> &'a 
 /// The first peer of a client tunnel.
 pub fn client_peer<'a>(report: &'a serde_json::Value, interface: &str) -> &'a serde_json::Value {
     &client_tunnel(report, interface)["peers"][0]
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// A plain HTTP/1.0 response: status code, Content-Type, body.
+pub struct HttpResponse {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// `GET path` from `address` over HTTP/1.0, with an optional Accept header.
+pub fn http_get(address: &str, path: &str, accept: Option<&str>) -> Result<HttpResponse> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).with_context(|| format!("connecting to {address}"))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n{accept}Connection: close\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let response = String::from_utf8(response).context("a response that is not UTF-8")?;
+    let (head, body) = response.split_once("\r\n\r\n").context("a response without headers")?;
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let content_type = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.trim().to_owned())
+        .unwrap_or_default();
+    Ok(HttpResponse { status, content_type, body: body.to_owned() })
+}
+
+/// Percent-encodes a URL query value.
+pub fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A directory under the system temporary directory, removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+        let path = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -31,7 +31,16 @@ pub const EVENT_TRANSMIT: u32 = 5;
 /// Slots of the `COUNTERS` per-CPU array.
 pub const COUNTER_EVENTS_LOST: u32 = 0;
 pub const COUNTER_READ_ERRORS: u32 = 1;
+/// WireGuard-shaped packets sent by something other than a UDP socket
+/// (raw or packet sockets): forged, never attributed to a tunnel.
+pub const COUNTER_FORGED: u32 = 2;
 pub const COUNTER_SLOTS: u32 = 4;
+
+/// An offset the running kernel's BTF could not provide.
+pub const OFFSET_UNAVAILABLE: u32 = u32::MAX;
+pub const SOCK_RAW: u16 = 3;
+pub const AF_PACKET: u16 = 17;
+pub const IPPROTO_RAW: u16 = 255;
 
 /// Capacity of the per-flow maps. LRU eviction keeps memory bounded; a flow
 /// evicted and seen again is simply reported as new again.
@@ -84,6 +93,13 @@ pub struct KernelOffsets {
     pub skb_protocol: u32,
     pub skb_mark: u32,
     pub skb_dev: u32,
+    pub skb_sk: u32,
+    /// `sock.sk_type`, `sock.sk_protocol` and `sock.__sk_common.skc_family`,
+    /// or [`OFFSET_UNAVAILABLE`] on kernels where the first two are
+    /// bit-fields (before 5.6): then the sending socket is not checked.
+    pub sock_type: u32,
+    pub sock_protocol: u32,
+    pub sock_family: u32,
     // current task's network namespace, for lookups with no result device
     pub task_nsproxy: u32,
     pub nsproxy_net: u32,

@@ -24,12 +24,12 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use wgtrace_common::{
-    AF_INET, AF_INET6, COUNTER_EVENTS_LOST, COUNTER_READ_ERRORS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, DeviceKey,
-    EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT, FLOW_MAP_ENTRIES, FlowKey,
-    FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, PLAINTEXT_ECHO_REPLY,
-    PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PacketEvent, PlaintextEvent, RING_BUFFER_BYTES,
-    ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES,
-    TransmitEvent, TransmitKey, TransmitOrigin, ciphertext_length,
+    AF_INET, AF_INET6, AF_PACKET, COUNTER_EVENTS_LOST, COUNTER_FORGED, COUNTER_READ_ERRORS, COUNTER_SLOTS, DIR_EGRESS,
+    DIR_INGRESS, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT,
+    FLOW_MAP_ENTRIES, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP, IPPROTO_UDP,
+    KernelOffsets, OFFSET_UNAVAILABLE, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK,
+    PacketEvent, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW,
+    TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TransmitEvent, TransmitKey, TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -335,6 +335,10 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
     let Some(message) = wire::classify(&udp.payload, udp_length.wrapping_sub(8)) else {
         return Ok(());
     };
+    if packet.direction == DIR_EGRESS && forged(packet.skb)? {
+        count(COUNTER_FORGED);
+        return Ok(());
+    }
     let device = device_key(packet.dev)?;
     let key = FlowKey {
         netns: device.netns,
@@ -389,6 +393,36 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
         count(COUNTER_EVENTS_LOST);
     }
     Ok(())
+}
+
+/// A tunnel is known by its own socket: a WireGuard-shaped packet written
+/// by a raw IP/UDP socket or a packet socket (which can claim any source
+/// port) is not a tunnel's. Other sockets pass: kernel WireGuard encrypts in
+/// place, so its transport skb still names whatever socket sent the
+/// plaintext (TCP, a ping socket, ...), and forwarded packets have none.
+#[inline(always)]
+fn forged(skb: *const u8) -> Result<bool, ()> {
+    let (type_at, protocol_at, family_at) = unsafe {
+        (
+            core::ptr::read_volatile(&KERNEL_OFFSETS.sock_type),
+            core::ptr::read_volatile(&KERNEL_OFFSETS.sock_protocol),
+            core::ptr::read_volatile(&KERNEL_OFFSETS.sock_family),
+        )
+    };
+    if type_at == OFFSET_UNAVAILABLE || protocol_at == OFFSET_UNAVAILABLE || family_at == OFFSET_UNAVAILABLE {
+        return Ok(false);
+    }
+    let sock: *const u8 = read(skb, offset!(skb_sk))?;
+    if sock.is_null() {
+        return Ok(false);
+    }
+    let family: u16 = read(sock, family_at as usize)?;
+    if family == AF_PACKET {
+        return Ok(true);
+    }
+    let socket_type: u16 = read(sock, type_at as usize)?;
+    let protocol: u16 = read(sock, protocol_at as usize)?;
+    Ok(socket_type == SOCK_RAW && (protocol == IPPROTO_RAW || protocol == IPPROTO_UDP as u16))
 }
 
 /// Transmit latency, for userspace tunnels where no skb survives encryption:

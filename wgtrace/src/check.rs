@@ -137,7 +137,7 @@ pub fn check(options: &CheckOptions) -> Result<CheckReport> {
         privilege_notes.push("run as root (sudo wgtrace check) to include every tunnel".into());
         complete = false;
     }
-    findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     Ok(CheckReport { tunnels, findings, privilege_notes, complete })
 }
 
@@ -169,8 +169,10 @@ fn check_peer(
                 Severity::Error,
                 "no_route",
                 format!(
-                    "{}'s endpoint {endpoint} is unreachable with mark {:#x}: {err:#}",
-                    tunnel.interface, query.mark
+                    "{}'s endpoint {} is unreachable with mark {:#x}: {err:#}",
+                    tunnel.interface,
+                    crate::redact::endpoint(endpoint),
+                    query.mark
                 ),
             ));
             return report;
@@ -317,7 +319,7 @@ pub fn render(report: &CheckReport, colour: bool) -> String {
             tunnel.listen_port.unwrap_or(0)
         );
         for peer in &tunnel.peers {
-            let endpoint = peer.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "no endpoint".into());
+            let endpoint = peer.endpoint.map(crate::redact::endpoint).unwrap_or_else(|| "no endpoint".into());
             match &peer.transport {
                 Some(t) => {
                     let table = t.route_table.map(table_name).unwrap_or_else(|| "?".into());

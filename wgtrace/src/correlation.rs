@@ -86,7 +86,9 @@ pub struct Fix {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct PeerReport {
+    #[serde(serialize_with = "crate::redact::serialize_key")]
     pub public_key: String,
+    #[serde(serialize_with = "crate::redact::serialize_endpoint")]
     pub endpoint: Option<SocketAddr>,
     pub transport: Option<Transport>,
     /// The interface of the tunnel this one's transport rides inside.
@@ -265,6 +267,7 @@ pub fn judge_path(
     report: &mut PeerReport,
 ) {
     let endpoint = SocketAddr::new(query.destination, query.destination_port);
+    let shown_endpoint = crate::redact::endpoint(endpoint);
     let Some(outer) =
         topology.tunnel_on_ifindex(tunnel.netns, egress_ifindex).filter(|o| o.interface != tunnel.interface)
     else {
@@ -290,7 +293,7 @@ pub fn judge_path(
     let outer_mark = outer.device.as_ref().map(|d| d.fwmark).unwrap_or(0);
     report.explanation = Some(match nesting {
         Nesting::Accidental => format!(
-            "{inner}'s encrypted packets to {endpoint} carry mark {mark:#x}; {via}which routes them into {outer_name}: \
+            "{inner}'s encrypted packets to {shown_endpoint} carry mark {mark:#x}; {via}which routes them into {outer_name}: \
              {inner} is nested inside {outer_name} (double encapsulation), captured by {outer_name}'s full-tunnel \
              default route. {outer_name} marks its own transport {outer_mark:#x} to bypass that route; {inner} does not.",
             inner = tunnel.interface,
@@ -298,7 +301,7 @@ pub fn judge_path(
             outer_name = outer.interface,
         ),
         Nesting::Deliberate => format!(
-            "{inner}'s transport to {endpoint} rides inside {outer_name} on purpose: {outer_name}'s AllowedIPs name \
+            "{inner}'s transport to {shown_endpoint} rides inside {outer_name} on purpose: {outer_name}'s AllowedIPs name \
              that endpoint specifically (/{specific_route}).",
             inner = tunnel.interface,
             outer_name = outer.interface,

@@ -6,12 +6,15 @@
 //! * [`latency`]: inner, handshake and transmit latency histograms.
 //! * [`report`]: terminal and JSON output.
 //! * [`run`]: the `wgtrace run` command that ties them together.
+//! * [`exporter`]: `run --prometheus`, the metrics endpoint.
 //! * [`check`]: `wgtrace check`, the static diagnosis from routing alone.
 
 pub mod check;
 pub mod correlation;
+pub mod exporter;
 pub mod latency;
 pub mod probes;
+pub mod redact;
 pub mod report;
 pub mod run;
 pub mod topology;

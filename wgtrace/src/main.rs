@@ -20,6 +20,9 @@ use wgtrace::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Hide public keys (shown as stable digests) and addresses in all output.
+    #[arg(long, global = true)]
+    redact: bool,
 }
 
 #[derive(Subcommand)]
@@ -31,12 +34,13 @@ Examples:
   sudo wgtrace run --duration 10        trace 10 s, then print the report
   sudo wgtrace run --duration 5 --json  machine-readable report on stdout (logs on stderr)
   sudo wgtrace run --netns blue         only tunnels in `ip netns` namespace blue
-  sudo wgtrace run --duration 10 --probe  also measure what a nested tunnel's fix would save")]
+  sudo wgtrace run --duration 10 --probe  also measure what a nested tunnel's fix would save
+  sudo wgtrace run --prometheus :9586   serve metrics on 127.0.0.1:9586 until SIGTERM (deploy/ has examples)")]
     Run {
         /// Stop after this many seconds (default: run until Ctrl-C or SIGTERM).
         #[arg(long, value_name = "SECONDS")]
         duration: Option<f64>,
-        /// Refresh the live view this often.
+        /// Refresh the live view (and the --prometheus metrics) this often.
         #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
         interval: f64,
         /// Print the final report as one JSON document on stdout.
@@ -53,6 +57,12 @@ Examples:
         /// Nothing is sent without this flag.
         #[arg(long)]
         probe: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics while tracing
+        /// (OpenMetrics or text format 0.0.4, as the scraper asks), until
+        /// SIGTERM. ADDR is IP:PORT, or :PORT for 127.0.0.1; on any other
+        /// address whoever can reach it can read tunnel names and counts.
+        #[arg(long, value_name = "ADDR", value_parser = wgtrace::exporter::parse_address)]
+        prometheus: Option<std::net::SocketAddr>,
         /// More detail on stderr (repeat for debug output).
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
@@ -93,8 +103,11 @@ fn seconds(value: f64, what: &str) -> Result<Duration> {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if cli.redact {
+        wgtrace::redact::enable();
+    }
     let result = match cli.command {
-        Command::Run { duration, interval, json, netns, current_netns, probe, verbose } => {
+        Command::Run { duration, interval, json, netns, current_netns, probe, prometheus, verbose } => {
             init_logging(verbose);
             (|| -> Result<u8> {
                 let options = RunOptions {
@@ -102,6 +115,7 @@ fn main() -> std::process::ExitCode {
                     interval: seconds(interval, "interval")?,
                     json,
                     probe,
+                    prometheus,
                     scope: match (netns, current_netns) {
                         (Some(name), _) => Scope::Named(name),
                         (None, true) => Scope::Current,

@@ -16,6 +16,9 @@ use crate::{
 pub struct Report {
     pub tunnels: Vec<TunnelReport>,
     pub events_lost: u64,
+    /// WireGuard-shaped packets written by raw or packet sockets (which can
+    /// claim a tunnel's port), ignored rather than attributed.
+    pub forged_packets: u64,
     /// Routing-table lookups of UDP flows per (mark, table).
     pub route_lookups: Vec<RouteLookups>,
     pub duration_seconds: f64,
@@ -51,8 +54,8 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
         };
         let _ = writeln!(out, "  {} ({}, {config})", tunnel.interface, tunnel.implementation.as_str());
         for peer in &tunnel.peers {
-            let endpoint = peer.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "no endpoint".into());
-            let key: String = peer.public_key.chars().take(8).collect();
+            let endpoint = peer.endpoint.map(crate::redact::endpoint).unwrap_or_else(|| "no endpoint".into());
+            let key: String = crate::redact::key(&peer.public_key).chars().take(17).collect();
             let _ = write!(out, "    peer {key}… → {endpoint}: ");
             match &peer.transport {
                 None => out.push_str("no transport packets seen yet\n"),
@@ -108,6 +111,13 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
         out.push('\n');
     }
     let _ = writeln!(out, "events lost: {}", report.events_lost);
+    if report.forged_packets > 0 {
+        let _ = writeln!(
+            out,
+            "ignored {} WireGuard-shaped packets sent from raw or packet sockets (not any tunnel's)",
+            report.forged_packets
+        );
+    }
     out
 }
 

@@ -14,6 +14,7 @@ use tokio::{
 
 use crate::{
     correlation::{self, Observations},
+    exporter::Exporter,
     latency::{self, LatencyTracker},
     probes::{Event, Tracer},
     report::{self, Report, RouteLookups},
@@ -27,6 +28,8 @@ pub struct RunOptions {
     pub scope: Scope,
     /// Send ICMP echoes along both paths of each nested tunnel (`--probe`).
     pub probe: bool,
+    /// Serve Prometheus metrics on this address (`--prometheus`).
+    pub prometheus: Option<std::net::SocketAddr>,
 }
 
 struct Session {
@@ -119,6 +122,7 @@ impl Session {
         Ok(Report {
             tunnels,
             events_lost: self.tracer.events_lost()?,
+            forged_packets: self.tracer.forged_packets()?,
             route_lookups,
             duration_seconds: self.started.elapsed().as_secs_f64(),
         })
@@ -127,6 +131,8 @@ impl Session {
 
 pub async fn run(options: RunOptions) -> Result<()> {
     let started = Instant::now();
+    // Bound before tracing starts, so a taken port fails fast.
+    let exporter = options.prometheus.map(Exporter::bind).transpose()?;
     let tracer = Tracer::start()?;
     for hook in &tracer.hooks {
         log::info!("hook {}: {}", hook.name, if hook.active { "active" } else { "inactive" });
@@ -141,6 +147,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
         first_verdict_logged: false,
     };
     session.refresh_topology()?;
+    // Serving starts with a report, so the first scrape has data. The run
+    // loop only ever publishes (never waits) to the HTTP side.
+    let publisher = match exporter {
+        Some(exporter) => Some(exporter.start(session.report()?)?),
+        None => None,
+    };
     // SAFETY: the ring buffer's fd is owned by `session.tracer`, declared
     // before `ring` and so dropped after it; the fd stays valid while registered.
     let ring = unsafe { AsyncFd::register(session.tracer.events_fd()) }
@@ -162,11 +174,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = ticker.tick() => {
                 session.refresh_topology()?;
                 session.drain_events();
-                if live {
+                if live || publisher.is_some() {
                     let report = session.report()?;
-                    let mut err = std::io::stderr().lock();
-                    // Clear the screen and redraw from the top.
-                    let _ = write!(err, "\x1b[H\x1b[2J{}", report::render(&report, &session.tracer.hooks));
+                    if live {
+                        let mut err = std::io::stderr().lock();
+                        // Clear the screen and redraw from the top.
+                        let _ = write!(err, "\x1b[H\x1b[2J{}", report::render(&report, &session.tracer.hooks));
+                    }
+                    if let Some(publisher) = &publisher {
+                        publisher.publish(report);
+                    }
                 }
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -174,6 +191,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
         }
     }
+    // Stop serving metrics: the server and its connections are dropped.
+    drop(publisher);
     session.drain_events();
     session.refresh_topology()?;
     let mut report = session.report()?;

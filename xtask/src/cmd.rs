@@ -8,12 +8,14 @@ use anyhow::{Context as _, Result, bail};
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
     let output = output(program, args)?;
     if !output.status.success() {
+        // Scripts often send their diagnostics to stdout (`2>&1`): show both.
         bail!(
-            "`{} {}` failed ({}): {}",
+            "`{} {}` failed ({}): {}{}",
             program,
             args.join(" "),
             output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
+            String::from_utf8_lossy(&output.stderr).trim(),
+            String::from_utf8_lossy(&output.stdout).trim()
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())

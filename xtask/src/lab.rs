@@ -67,11 +67,21 @@ pub struct LabOptions {
     pub wg0_mark: Option<u32>,
     /// Whether wg0, the full tunnel, is built at all.
     pub full_tunnel: bool,
+    /// Kernel WireGuard (wireguard.ko) instead of wireguard-go. The default
+    /// comes from WGTRACE_LAB_WIREGUARD=kernel, which `cargo xtask vm-test`
+    /// sets inside its VM so the same tests run against both.
+    pub kernel: bool,
 }
 
 impl Default for LabOptions {
     fn default() -> Self {
-        Self { delay_ms: 20, extras: false, wg0_mark: None, full_tunnel: true }
+        Self {
+            delay_ms: 20,
+            extras: false,
+            wg0_mark: None,
+            full_tunnel: true,
+            kernel: std::env::var("WGTRACE_LAB_WIREGUARD").is_ok_and(|v| v == "kernel"),
+        }
     }
 }
 
@@ -87,6 +97,9 @@ pub struct LabState {
     pub wg0_mark: u32,
     /// Public keys by "netns/interface".
     pub public_keys: BTreeMap<String, String>,
+    /// Kernel WireGuard rather than wireguard-go daemons.
+    #[serde(default)]
+    pub kernel: bool,
 }
 
 fn state_path() -> PathBuf {
@@ -186,7 +199,12 @@ fn uapi_dir(namespace: &str) -> PathBuf {
     Path::new(STATE_DIR).join(namespace).join("wireguard")
 }
 
-fn wg_quick_up(namespace: &str, config: &Path) -> Result<()> {
+fn wg_quick_up(namespace: &str, config: &Path, kernel: bool) -> Result<()> {
+    if kernel {
+        ns(namespace, &format!("wg-quick up {} 2>&1", config.display()))
+            .with_context(|| format!("wg-quick up {} (kernel WireGuard)", config.display()))?;
+        return Ok(());
+    }
     let dir = uapi_dir(namespace);
     fs::create_dir_all(&dir)?;
     ns(
@@ -207,6 +225,8 @@ fn write_config(namespace: &str, name: &str, text: &str) -> Result<PathBuf> {
     fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{name}.conf"));
     fs::write(&path, text)?;
+    // It holds a private key.
+    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     Ok(path)
 }
 
@@ -238,9 +258,9 @@ fn bring_up_tunnel(spec: &TunnelSpec, options: &LabOptions, state: &mut LabState
         spec.client_port, spec.client_address, spec.endpoint, spec.client_allowed
     );
     let server_config = write_config(spec.server_namespace, spec.name, &server)?;
-    wg_quick_up(spec.server_namespace, &server_config)?;
+    wg_quick_up(spec.server_namespace, &server_config, state.kernel)?;
     let client_config = write_config(CLIENT, spec.name, &client)?;
-    wg_quick_up(CLIENT, &client_config)?;
+    wg_quick_up(CLIENT, &client_config, state.kernel)?;
     state.public_keys.insert(format!("{CLIENT}/{}", spec.name), client_public);
     state.public_keys.insert(format!("{}/{}", spec.server_namespace, spec.name), server_public);
     Ok(())
@@ -274,6 +294,7 @@ pub fn up(options: &LabOptions) -> Result<()> {
         delay_ms: options.delay_ms,
         extras: options.extras,
         wg0_mark: options.wg0_mark.unwrap_or(FULL_TUNNEL_MARK),
+        kernel: options.kernel,
         ..LabState::default()
     };
     if !Path::new("/run/wireguard").exists() {
@@ -358,6 +379,9 @@ fn start_delay_line(delay_ms: u64, state: &mut LabState) -> Result<()> {
         use std::os::unix::process::CommandExt as _;
         command.pre_exec(|| {
             libc::setsid();
+            // A daemon must not keep its starter's descriptors open: an
+            // inherited lock (e.g. from flock(1)) would be held forever.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             Ok(())
         });
     }
@@ -428,6 +452,11 @@ pub fn ping_ms(address: &str, count: u32) -> Result<f64> {
 /// where its UAPI socket is.
 pub fn client_wg(interface: &str, args: &[&str]) -> Result<String> {
     let state = load_state()?;
+    if state.kernel {
+        let mut full = vec!["netns", "exec", CLIENT, "wg"];
+        full.extend_from_slice(args);
+        return run("ip", &full);
+    }
     let pid = state
         .daemons
         .get(&format!("{CLIENT}/{interface}"))
@@ -481,17 +510,22 @@ pub fn add_tunnel(interface: &str) -> Result<()> {
 }
 
 /// Stops the client's daemon for `interface` and starts it again from the
-/// same config (a userspace WireGuard restart: new PID, new TUN device).
+/// same config (a userspace WireGuard restart: new PID, new TUN device). With
+/// kernel WireGuard the interface is taken down and up again.
 pub fn restart_client_daemon(interface: &str) -> Result<()> {
     let mut state = load_state()?;
+    let config = Path::new(STATE_DIR).join(CLIENT).join(format!("{interface}.conf"));
+    if state.kernel {
+        ns(CLIENT, &format!("wg-quick down {c} 2>&1; wg-quick up {c} 2>&1", c = config.display()))?;
+        return Ok(());
+    }
     let key = format!("{CLIENT}/{interface}");
     let pid = *state.daemons.get(&key).with_context(|| format!("no daemon recorded for {interface}"))?;
     stop(pid);
     state.daemons.remove(&key);
-    let config = Path::new(STATE_DIR).join(CLIENT).join(format!("{interface}.conf"));
     // wg-quick's own teardown ran with the daemon gone: remove what it left.
     let _ = run("ip", &["-n", CLIENT, "link", "del", interface]);
-    wg_quick_up(CLIENT, &config)?;
+    wg_quick_up(CLIENT, &config, false)?;
     find_daemons(&mut state)?;
     save_state(&state)?;
     Ok(())
@@ -522,6 +556,19 @@ pub fn fix() -> Result<()> {
 
 pub fn unfix() -> Result<()> {
     set_wg1_mark(0)
+}
+
+/// Exclusive use of the lab: integration tests and benchmarks take this
+/// lock, so one never tears down another's lab. (The `lab` commands leave
+/// it to their user, who may already hold it, e.g. with flock(1).)
+pub fn lock() -> Result<fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let lock = fs::File::create("/run/wgtrace-lab.lock").context("creating /run/wgtrace-lab.lock")?;
+    // SAFETY: flock on a file we own; released when it is closed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!("locking the lab: {}", std::io::Error::last_os_error());
+    }
+    Ok(lock)
 }
 
 pub fn is_up() -> bool {
@@ -592,7 +639,13 @@ pub fn down() -> Result<()> {
                 stop(pid);
             }
         }
-        run("ip", &["netns", "del", namespace])?;
+        // Another lab user may have removed it meanwhile; only failing to
+        // remove one that still exists is an error.
+        if let Err(err) = run("ip", &["netns", "del", namespace])
+            && Path::new("/run/netns").join(namespace).exists()
+        {
+            return Err(err);
+        }
     }
     if Path::new(STATE_DIR).exists() {
         fs::remove_dir_all(STATE_DIR).with_context(|| format!("removing {STATE_DIR}"))?;

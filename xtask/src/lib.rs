@@ -2,7 +2,11 @@
 //! nesting lab, and the commands the README's quick start runs. The
 //! integration tests use the lab through this library.
 
+pub mod bench;
 pub mod cmd;
 pub mod delay;
+pub mod fuzz;
 pub mod lab;
 pub mod setup;
+pub mod vm;
+pub mod vmtest;

@@ -32,6 +32,28 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run the integration suite against kernel WireGuard on Debian's stock
+    /// kernel, in a VM (qemu, software emulation).
+    VmTest,
+    /// Run every fuzz target of fuzz/ for a bounded time (cargo-fuzz, nightly).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+    },
+    /// Measure what tracing costs on the lab (no delay line), against the budget,
+    /// side by side with a bpftrace baseline; writes BENCHMARKS.md.
+    Bench {
+        /// One round of ~1 s measurements, written to target/bench-smoke.md, no thresholds (for CI).
+        #[arg(long)]
+        smoke: bool,
+        /// Rounds, each alternating untraced, wgtrace and the bpftrace baseline.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Where to write the table (default BENCHMARKS.md at the repository root).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// The nesting lab: wg1 silently inside wg0, in network namespaces.
     Lab {
         #[command(subcommand)]
@@ -161,26 +183,42 @@ fn main() -> Result<()> {
         Task::Setup => setup::setup(),
         Task::Run { args } => run_main_job(&args),
         Task::Test { args } => run_tests(&args),
-        Task::Lab { action } => match action {
-            LabAction::Up { delay_ms, extras, wg0_mark, no_full_tunnel } => {
-                lab::up(&lab::LabOptions { delay_ms, extras, wg0_mark, full_tunnel: !no_full_tunnel })?;
-                print!("{}", lab::status()?);
-                Ok(())
-            }
-            LabAction::Down => lab::down(),
-            LabAction::Fix => lab::fix(),
-            LabAction::Unfix => lab::unfix(),
-            LabAction::Status => {
-                print!("{}", lab::status()?);
-                Ok(())
-            }
-            LabAction::Ping => {
-                println!("wg1 RTT: {:.2} ms (median of 10)", lab::ping_ms(lab::WG1_REMOTE, 10)?);
-                Ok(())
-            }
-        },
+        Task::VmTest => {
+            setup::setup()?;
+            xtask::vmtest::run(&workspace_root())
+        }
+        Task::Fuzz { seconds } => xtask::fuzz::run(&workspace_root(), seconds),
+        Task::Bench { smoke, rounds, output } => xtask::bench::main(&xtask::bench::Options { smoke, rounds, output }),
+        Task::Lab { action } => lab_command(action),
         Task::DelayLine { netns, device, delay_ms } => {
             xtask::delay::serve(&netns, &device, Duration::from_millis(delay_ms))
+        }
+    }
+}
+
+fn lab_command(action: LabAction) -> Result<()> {
+    match action {
+        LabAction::Up { delay_ms, extras, wg0_mark, no_full_tunnel } => {
+            lab::up(&lab::LabOptions {
+                delay_ms,
+                extras,
+                wg0_mark,
+                full_tunnel: !no_full_tunnel,
+                ..Default::default()
+            })?;
+            print!("{}", lab::status()?);
+            Ok(())
+        }
+        LabAction::Down => lab::down(),
+        LabAction::Fix => lab::fix(),
+        LabAction::Unfix => lab::unfix(),
+        LabAction::Status => {
+            print!("{}", lab::status()?);
+            Ok(())
+        }
+        LabAction::Ping => {
+            println!("wg1 RTT: {:.2} ms (median of 10)", lab::ping_ms(lab::WG1_REMOTE, 10)?);
+            Ok(())
         }
     }
 }

@@ -20,6 +20,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "/usr/sbin/bpftool"),
     ("util-linux", "/usr/bin/nsenter"),
     ("iperf3", "/usr/bin/iperf3"),
+    // `cargo xtask vm-test`: qemu, modprobe/depmod, and xz for the kernel image.
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("kmod", "/usr/bin/kmod"),
+    ("xz-utils", "/usr/bin/xz"),
+    ("bpftrace", "/usr/bin/bpftrace"),
+    ("prometheus", "/usr/bin/prometheus"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -59,6 +59,9 @@ struct ProbeKey {
 /// A tunnel device, by namespace inode and ifindex.
 pub type Device = (u64, u32);
 
+/// A peer's AllowedIPs entry and its public key.
+type AllowedPrefix = ((IpAddr, u8), String);
+
 #[derive(Default)]
 pub struct LatencyTracker {
     probes: Option<Pending<ProbeKey, u64>>,
@@ -69,7 +72,7 @@ pub struct LatencyTracker {
     handshake: HashMap<(u64, u16, SocketAddr), LatencyHistogram>,
     transmit: HashMap<Device, LatencyHistogram>,
     /// Tunnel devices with their peers' AllowedIPs, from the last topology.
-    peers_of_device: HashMap<Device, Vec<((IpAddr, u8), String)>>,
+    peers_of_device: HashMap<Device, Vec<AllowedPrefix>>,
 }
 
 impl LatencyTracker {

@@ -15,8 +15,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use wgtrace_common::{
-    COUNTER_EVENTS_LOST, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT,
-    FlowKey, FlowStats, PacketEvent, PlaintextEvent, RouteEvent, RouteKey, RouteStats, TransmitEvent,
+    COUNTER_EVENTS_LOST, COUNTER_FORGED, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT,
+    EVENT_TRANSMIT, FlowKey, FlowStats, PacketEvent, PlaintextEvent, RouteEvent, RouteKey, RouteStats, TransmitEvent,
 };
 
 /// A hook wgtrace wants, and what it is for when it is missing.
@@ -84,10 +84,15 @@ impl Tracer {
         let btf = btf::Btf::from_sys_fs()?;
         let kernel_offsets = offsets::resolve(&btf)?;
         let aya_btf = aya::Btf::from_sys_fs().context("loading the kernel's BTF for aya")?;
+        let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wgtrace"));
+        anyhow::ensure!(
+            !object.is_empty(),
+            "this wgtrace was built without its eBPF programs (AYA_BUILD_SKIP was set); rebuild without it"
+        );
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&aya_btf))
             .override_global("KERNEL_OFFSETS", &kernel_offsets, true)
-            .load(aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wgtrace")))
+            .load(object)
             .map_err(explain_load_error)?;
 
         let mut hooks = Vec::new();
@@ -192,9 +197,18 @@ impl Tracer {
 
     /// Events the kernel side could not deliver (ring buffer full).
     pub fn events_lost(&self) -> Result<u64> {
+        self.counter(COUNTER_EVENTS_LOST)
+    }
+
+    /// WireGuard-shaped packets sent from raw or packet sockets, ignored.
+    pub fn forged_packets(&self) -> Result<u64> {
+        self.counter(COUNTER_FORGED)
+    }
+
+    fn counter(&self, slot: u32) -> Result<u64> {
         let map: PerCpuArray<_, u64> =
             PerCpuArray::try_from(self.ebpf.map("COUNTERS").context("COUNTERS map missing")?)?;
-        Ok(map.get(&COUNTER_EVENTS_LOST, 0)?.iter().sum())
+        Ok(map.get(&slot, 0)?.iter().sum())
     }
 }
 
@@ -211,7 +225,8 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: &aya::Btf) -> Result<()> {
     Ok(())
 }
 
-fn decode(record: &[u8]) -> Option<Event> {
+/// Decodes one ring-buffer record; anything malformed is None.
+pub fn decode(record: &[u8]) -> Option<Event> {
     let kind = u32::from_ne_bytes(record.get(0..4)?.try_into().ok()?);
     // SAFETY: both event types are plain-old-data #[repr(C)] structs; the
     // length is checked and the read is unaligned-safe.
@@ -235,8 +250,8 @@ fn decode(record: &[u8]) -> Option<Event> {
 }
 
 fn check_privileges() -> Result<()> {
-    // Effective capabilities from /proc: CAP_NET_ADMIN(12), CAP_SYS_ADMIN(21),
-    // CAP_PERFMON(38), CAP_BPF(39).
+    // Effective capabilities from /proc: CAP_NET_ADMIN(12), CAP_SYS_PTRACE(19),
+    // CAP_SYS_ADMIN(21), CAP_PERFMON(38), CAP_BPF(39).
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let effective = status
         .lines()
@@ -257,6 +272,12 @@ fn check_privileges() -> Result<()> {
     if !has(21) {
         // Entering other namespaces (setns) needs CAP_SYS_ADMIN.
         missing.push("CAP_SYS_ADMIN");
+    }
+    if !has(19) && missing.is_empty() {
+        log::warn!(
+            "without CAP_SYS_PTRACE, userspace WireGuard daemons (wireguard-go, boringtun) cannot be found: \
+             their tunnels will be missing"
+        );
     }
     if !missing.is_empty() {
         bail!(

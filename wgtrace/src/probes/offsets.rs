@@ -2,7 +2,7 @@
 //! running kernel's BTF.
 
 use anyhow::{Context as _, Result};
-use wgtrace_common::KernelOffsets;
+use wgtrace_common::{KernelOffsets, OFFSET_UNAVAILABLE};
 
 use super::btf::Btf;
 
@@ -48,7 +48,20 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         skb_protocol: field("sk_buff", &["protocol"])?,
         skb_mark: field("sk_buff", &["mark"])?,
         skb_dev: field("sk_buff", &["dev"])?,
+        skb_sk: field("sk_buff", &["sk"])?,
+        sock_type: optional(btf, "sock", &["sk_type"]),
+        sock_protocol: optional(btf, "sock", &["sk_protocol"]),
+        sock_family: optional(btf, "sock", &["__sk_common", "skc_family"]),
         task_nsproxy: field("task_struct", &["nsproxy"])?,
         nsproxy_net: field("nsproxy", &["net_ns"])?,
+    })
+}
+
+/// A field wgtrace can do without: [`OFFSET_UNAVAILABLE`] when missing, so
+/// the check that needs it is skipped rather than the whole tool failing.
+fn optional(btf: &Btf, owner: &str, path: &[&str]) -> u32 {
+    btf.field_offset(owner, path).unwrap_or_else(|err| {
+        log::info!("not checking which socket sent transport packets: {err}");
+        OFFSET_UNAVAILABLE
     })
 }

@@ -107,7 +107,7 @@ fn parse_family_id(payload: &[u8]) -> Option<u16> {
 /// attributes may repeat; the peer list continues from message to message,
 /// and a peer whose allowed IPs did not fit is continued by a peer with the
 /// same public key carrying only more allowed IPs.
-fn parse_device<'a>(payloads: impl IntoIterator<Item = &'a [u8]>) -> Result<Device> {
+pub fn parse_device<'a>(payloads: impl IntoIterator<Item = &'a [u8]>) -> Result<Device> {
     let mut device = Device::default();
     for payload in payloads {
         let attrs = payload.get(GENL_HDRLEN..).context("message shorter than its generic netlink header")?;

@@ -397,11 +397,11 @@ impl Rule {
             text.push_str("not ");
         }
         match self.src {
-            Some((a, l)) => text.push_str(&format!("from {a}/{l}")),
+            Some((a, l)) => text.push_str(&format!("from {}/{l}", crate::redact::address(a))),
             None => text.push_str("from all"),
         }
         if let Some((a, l)) = self.dst {
-            text.push_str(&format!(" to {a}/{l}"));
+            text.push_str(&format!(" to {}/{l}", crate::redact::address(a)));
         }
         if let Some(mark) = self.fwmark {
             text.push_str(&format!(" fwmark {mark:#x}"));

@@ -38,6 +38,12 @@ impl QuickConfig {
 }
 
 pub fn parse(text: &str) -> Result<QuickConfig> {
+    parse_with(text, resolve)
+}
+
+/// [`parse`] with the endpoint resolver given, so that tests and fuzzing
+/// never touch DNS.
+pub fn parse_with(text: &str, resolve: impl Fn(&str) -> Result<SocketAddr>) -> Result<QuickConfig> {
     let mut config = QuickConfig { table: "auto".into(), ..QuickConfig::default() };
     let mut section = String::new();
     for (number, raw) in text.lines().enumerate() {
@@ -93,7 +99,7 @@ fn parse_mark(value: &str) -> Result<Option<u32>> {
 }
 
 /// `HOST:PORT` or `[V6]:PORT`; names are resolved as wg-quick would.
-fn resolve(value: &str) -> Result<SocketAddr> {
+pub fn resolve(value: &str) -> Result<SocketAddr> {
     if let Ok(address) = value.parse() {
         return Ok(address);
     }

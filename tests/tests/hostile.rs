@@ -1,0 +1,110 @@
+//! Hostile and malformed traffic while tracing: truncated and mis-sized
+//! WireGuard look-alikes, bogus types, fragments, IPv6 extension headers,
+//! transport forged from a raw socket with a tunnel's own port, spoofed
+//! handshake indices and a flood of new flows. wgtrace must not crash, must
+//! not call the (fixed) wg1 nested, and must keep its memory bounded.
+
+use std::{process::Command, time::Duration};
+
+use wgtrace_tests::{LabGuard, Trace, Traffic, client_peer, lab, privileged_or_skip};
+
+const CLIENT_TRAFFIC: &str = r#"
+import socket, struct, random, time
+ENDPOINT = ("192.0.2.200", 51821)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def wg(t, n, reserved=b"\0\0\0"):
+    return bytes([t]) + reserved + random.randbytes(max(n - 4, 0))
+malformed = [b"\x01\0\0", wg(1, 100), wg(1, 149), wg(2, 148), wg(3, 65), wg(4, 33), wg(4, 16),
+             wg(5, 64), wg(0xff, 148), wg(4, 64, b"\0\1\0"), wg(1, 148, b"\x80\0\0")]
+for _ in range(20):
+    for m in malformed:
+        u.sendto(m, ENDPOINT)
+# Fragmented: a 2992-byte data-shaped datagram (first fragment looks like WireGuard).
+for _ in range(20):
+    u.sendto(wg(4, 2992), ENDPOINT)
+# IPv6 with a hop-by-hop header before UDP.
+r6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+src, dst = socket.inet_pton(socket.AF_INET6, "2001:db8:c::2"), socket.inet_pton(socket.AF_INET6, "2001:db8:e::1")
+for _ in range(50):
+    payload = wg(4, 64)
+    udp = struct.pack("!HHHH", 40000, 51823, 8 + len(payload), 0) + payload
+    hbh = bytes([17, 0, 1, 4, 0, 0, 0, 0])
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(hbh) + len(udp), 0, 64, src, dst)
+    r6.sendto(ip6 + hbh + udp, ("2001:db8:e::1", 0))
+# A flood of new flows: data-shaped packets from 20000 source ports.
+for _ in range(20000):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(wg(4, 64), ENDPOINT)
+    s.close()
+"#;
+
+/// Transport forged with wg1's own source port from a raw socket, unmarked
+/// (so it rides wg0), sent until killed: the newest "wg1" packets are forged.
+const FORGED_TRANSPORT: &str = r#"
+import socket, struct, random, time
+def checksum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+i = 0
+while True:
+    payload = b"\x04\0\0\0" + random.randbytes(60)
+    udp = struct.pack("!HHHH", 51821, 51821, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), i & 0xffff, 0, 64, 17, 0,
+                     socket.inet_aton("192.0.2.2"), socket.inet_aton("192.0.2.200"))
+    ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+    r.sendto(ip + udp, ("192.0.2.200", 0))
+    i += 1
+    time.sleep(0.01)
+"#;
+
+const ROUTER_TRAFFIC: &str = r#"
+import socket, random
+# Spoofed handshake responses with random receiver indices, at the client's wg1.
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("192.0.2.200", 0))
+for _ in range(1000):
+    s.sendto(b"\x02\0\0\0" + random.randbytes(88), ("192.0.2.2", 51821))
+"#;
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").parse().ok()))?
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn hostile_traffic_causes_no_crash_no_false_verdict_and_bounded_memory() {
+    if !privileged_or_skip("hostile_traffic_causes_no_crash_no_false_verdict_and_bounded_memory") {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions { delay_ms: 0, ..Default::default() }).unwrap();
+    lab::fix().unwrap();
+    let trace = Trace::start(10.0, &[]).unwrap();
+    let pid = trace.pid();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _wg1 = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    let run = |namespace: &str, script: &str| {
+        Command::new("ip").args(["netns", "exec", namespace, "python3", "-c", script]).status().unwrap()
+    };
+    let mut forger =
+        Command::new("ip").args(["netns", "exec", lab::CLIENT, "python3", "-c", FORGED_TRANSPORT]).spawn().unwrap();
+    let spoof = std::thread::spawn(move || run(lab::ROUTER, ROUTER_TRAFFIC));
+    assert!(run(lab::CLIENT, CLIENT_TRAFFIC).success(), "the hostile traffic generator failed");
+    assert!(spoof.join().unwrap().success());
+    let peak = peak_rss_kib(pid);
+    let report = trace.report().unwrap();
+    let _ = forger.kill();
+    let _ = forger.wait();
+    let wg1 = client_peer(&report, "wg1");
+    assert!(wg1["nested_in"].is_null(), "no false verdict from forged or malformed packets: {wg1:#}");
+    assert_eq!(wg1["transport"]["egress_interface"], "c0");
+    assert_eq!(wg1["transport"]["mark"], 51820);
+    assert!(report["events_lost"].is_u64(), "losses are counted and reported");
+    assert!(report["forged_packets"].as_u64().unwrap() > 0, "the forged transport was seen and set aside");
+    assert!(peak < 100 * 1024, "peak RSS {peak} KiB: memory must stay bounded under a flow flood");
+}
