@@ -200,6 +200,12 @@ pub struct DeviceKey {
     pub ifindex: u32,
 }
 
+/// Values of the `TUNNEL_DEVICES` map: how the tunnel behind a device
+/// treats packets.
+pub const TUNNEL_USERSPACE: u8 = 1;
+/// Kernel WireGuard: the skb that enters the device is the one that leaves.
+pub const TUNNEL_KERNEL: u8 = 2;
+
 /// What a plaintext probe packet is.
 pub const PLAINTEXT_ECHO_REQUEST: u8 = 1;
 pub const PLAINTEXT_ECHO_REPLY: u8 = 2;
@@ -264,7 +270,15 @@ pub struct TransmitEvent {
     pub origin_ifindex: u32,
     pub egress_ifindex: u32,
     pub mark: u32,
+    /// [`TRANSMIT_BY_SKB`] or [`TRANSMIT_BY_LENGTH`].
+    pub method: u32,
+    pub _pad: u32,
 }
+
+/// The sample was matched by skb identity (kernel WireGuard).
+pub const TRANSMIT_BY_SKB: u32 = 1;
+/// The sample was matched by its predicted ciphertext length (userspace).
+pub const TRANSMIT_BY_LENGTH: u32 = 2;
 
 /// Length of the WireGuard data message (UDP payload) that carries a
 /// plaintext packet of `plaintext_length` bytes: 16-byte header, plaintext

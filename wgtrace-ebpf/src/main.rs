@@ -29,7 +29,8 @@ use wgtrace_common::{
     FLOW_MAP_ENTRIES, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP, IPPROTO_UDP,
     KernelOffsets, OFFSET_UNAVAILABLE, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK,
     PacketEvent, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW,
-    TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TransmitEvent, TransmitKey, TransmitOrigin, ciphertext_length,
+    TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent,
+    TransmitKey, TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -53,6 +54,14 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 /// plaintext packets timed.
 #[map]
 static TUNNEL_DEVICES: HashMap<DeviceKey, u8> = HashMap::with_max_entries(TUNNEL_DEVICE_ENTRIES, 0);
+
+/// Sampled plaintext packets by skb address, for kernel WireGuard, which
+/// keeps the skb through encryption.
+#[map]
+static SKB_SAMPLES: LruHashMap<u64, TransmitOrigin> = LruHashMap::with_max_entries(TRANSMIT_PENDING_ENTRIES, 0);
+
+/// A sample not seen leaving within this long is abandoned.
+const MAX_TRANSMIT_NS: u64 = 1_000_000_000;
 
 /// Sampled plaintext packets awaiting their next encryption.
 #[map]
@@ -372,7 +381,7 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
     let payload_length = udp_length.wrapping_sub(8);
     if message.message_type == wire::MESSAGE_TRANSPORT_DATA {
         if packet.direction == DIR_EGRESS {
-            follow_transmit(&key, payload_length, udp_length + packet.l3_header_length, now);
+            follow_transmit(packet.skb, &key, payload_length, udp_length + packet.l3_header_length, now);
         }
         if !new_flow {
             return Ok(());
@@ -425,19 +434,28 @@ fn forged(skb: *const u8) -> Result<bool, ()> {
     Ok(socket_type == SOCK_RAW && (protocol == IPPROTO_RAW || protocol == IPPROTO_UDP as u16))
 }
 
-/// Transmit latency, for userspace tunnels where no skb survives encryption:
-/// a sampled plaintext packet of known length predicts the length of the
-/// data message that carries it. When such a message leaves, record the
-/// stage and predict the next encryption (a nested tunnel's transport is
-/// itself plaintext for the outer tunnel).
+/// Transmit latency: a sampled plaintext packet is followed to its
+/// encryptions. Kernel WireGuard encrypts in place, so the very skb that
+/// entered the tunnel device leaves the host: matched by identity. Userspace
+/// implementations copy packets out through TUN and write new ones, so there
+/// the sample's length predicts the data message that carries it; when one
+/// leaves, the stage is recorded and the next encryption predicted (a nested
+/// tunnel's transport is itself plaintext for the outer tunnel).
 #[inline(always)]
-fn follow_transmit(flow: &FlowKey, payload_length: u32, ip_length: u32, now: u64) {
-    let key = TransmitKey { netns: flow.netns, payload_length };
-    let Some(origin) = TRANSMIT_PENDING.get_ptr(&key) else {
-        return;
+fn follow_transmit(skb: *const u8, flow: &FlowKey, payload_length: u32, ip_length: u32, now: u64) {
+    let by_length = TransmitKey { netns: flow.netns, payload_length };
+    let (origin, method) = match SKB_SAMPLES.get_ptr(&(skb as u64)) {
+        // A recycled skb address with a stale entry is not the sample.
+        Some(origin) if now.wrapping_sub(unsafe { (*origin).entered_ns }) < MAX_TRANSMIT_NS => {
+            (unsafe { *origin }, TRANSMIT_BY_SKB)
+        }
+        _ => match TRANSMIT_PENDING.get_ptr(&by_length) {
+            Some(origin) => (unsafe { *origin }, TRANSMIT_BY_LENGTH),
+            None => return,
+        },
     };
-    let origin = unsafe { *origin };
-    let _ = TRANSMIT_PENDING.remove(&key);
+    // Either way, the length prediction is used up.
+    let _ = TRANSMIT_PENDING.remove(&by_length);
     let stage = origin.stage + 1;
     let event = TransmitEvent {
         kind: EVENT_TRANSMIT,
@@ -448,12 +466,25 @@ fn follow_transmit(flow: &FlowKey, payload_length: u32, ip_length: u32, now: u64
         origin_ifindex: origin.ifindex,
         egress_ifindex: flow.ifindex,
         mark: flow.mark,
+        method,
+        _pad: 0,
     };
     if EVENTS.output::<TransmitEvent>(&event, 0).is_err() {
         count(COUNTER_EVENTS_LOST);
     }
-    let next = TransmitKey { netns: flow.netns, payload_length: ciphertext_length(ip_length) };
-    let _ = TRANSMIT_PENDING.insert(&next, &TransmitOrigin { stage, ..origin }, 0);
+    let next = TransmitOrigin { stage, ..origin };
+    let entered_another_tunnel =
+        TUNNEL_DEVICES.get_ptr(&DeviceKey { netns: flow.netns, ifindex: flow.ifindex }).is_some();
+    if method == TRANSMIT_BY_SKB {
+        if entered_another_tunnel {
+            let _ = SKB_SAMPLES.insert(&(skb as u64), &next, 0);
+        } else {
+            let _ = SKB_SAMPLES.remove(&(skb as u64));
+        }
+    } else if entered_another_tunnel {
+        let next_key = TransmitKey { netns: flow.netns, payload_length: ciphertext_length(ip_length) };
+        let _ = TRANSMIT_PENDING.insert(&next_key, &next, 0);
+    }
 }
 
 /// ICMP/ICMPv6 echo and TCP SYN/SYN-ACK on a tunnel's own device: the
@@ -499,9 +530,10 @@ fn on_plaintext(packet: &Packet) -> Result<(), ()> {
         event.sequence = u16::from_be_bytes([icmp[6], icmp[7]]) as u32;
     }
     let device = device_key(packet.dev)?;
-    if TUNNEL_DEVICES.get_ptr(&device).is_none() {
+    let Some(tunnel_kind) = TUNNEL_DEVICES.get_ptr(&device) else {
         return Ok(());
-    }
+    };
+    let tunnel_kind = unsafe { *tunnel_kind };
     event.device = device;
     event.timestamp_ns = unsafe { bpf_ktime_get_ns() };
     if EVENTS.output::<PlaintextEvent>(&event, 0).is_err() {
@@ -511,6 +543,11 @@ fn on_plaintext(packet: &Packet) -> Result<(), ()> {
         let key = TransmitKey { netns: device.netns, payload_length: ciphertext_length(packet.ip_length) };
         let origin = TransmitOrigin { entered_ns: event.timestamp_ns, ifindex: device.ifindex, stage: 0 };
         let _ = TRANSMIT_PENDING.insert(&key, &origin, 0);
+        // Only kernel WireGuard keeps the skb: a TUN device's is freed, and
+        // its address soon reused by an unrelated packet.
+        if tunnel_kind == TUNNEL_KERNEL {
+            let _ = SKB_SAMPLES.insert(&(packet.skb as u64), &origin, 0);
+        }
     }
     Ok(())
 }

@@ -148,7 +148,11 @@ fn render_latency(out: &mut String, latency: &PeerLatency) {
         ("transmit", &latency.transmit_us),
     ] {
         if summary.count > 0 {
-            let _ = writeln!(out, "      {name}: {}", summary_text(summary));
+            let method = match (name, latency.transmit_method) {
+                ("transmit", Some(method)) => format!(" [{}]", method.replace('_', " ")),
+                _ => String::new(),
+            };
+            let _ = writeln!(out, "      {name}: {}{method}", summary_text(summary));
         }
     }
     if let Some(histogram) = &latency.histograms.inner_rtt {

@@ -48,7 +48,7 @@ impl Session {
     fn refresh_topology(&mut self) -> Result<()> {
         self.topology = Topology::discover(&self.scope)?;
         self.latency.set_topology(&self.topology);
-        self.tracer.set_tunnel_devices(&self.latency.tunnel_devices())
+        self.tracer.set_tunnel_devices(&self.topology)
     }
 
     fn drain_events(&mut self) {

@@ -16,13 +16,13 @@ pub mod pending;
 pub mod probe;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
 };
 
 use wgtrace_common::{
     AF_INET, DIR_EGRESS, DIR_INGRESS, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK,
-    PacketEvent, PlaintextEvent, TransmitEvent,
+    PacketEvent, PlaintextEvent, TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TransmitEvent,
     wire::{MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE},
 };
 
@@ -71,6 +71,8 @@ pub struct LatencyTracker {
     /// Per (netns, local port, remote endpoint).
     handshake: HashMap<(u64, u16, SocketAddr), LatencyHistogram>,
     transmit: HashMap<Device, LatencyHistogram>,
+    /// How each device's transmit samples were matched, last seen.
+    transmit_method: HashMap<Device, u32>,
     /// Tunnel devices with their peers' AllowedIPs, from the last topology.
     peers_of_device: HashMap<Device, Vec<AllowedPrefix>>,
 }
@@ -98,10 +100,6 @@ impl LatencyTracker {
                 ((t.netns, t.ifindex), peers)
             })
             .collect();
-    }
-
-    pub fn tunnel_devices(&self) -> HashSet<Device> {
-        self.peers_of_device.keys().copied().collect()
     }
 
     /// The peer whose AllowedIPs hold `remote` most specifically.
@@ -169,6 +167,7 @@ impl LatencyTracker {
         }
         let Some(latency) = event.left_ns.checked_sub(event.entered_ns) else { return };
         self.transmit.entry((netns, event.origin_ifindex)).or_default().record_ns(latency);
+        self.transmit_method.insert((netns, event.origin_ifindex), event.method);
     }
 
     pub fn inner_rtt(&self, device: Device, public_key: &str) -> Option<&LatencyHistogram> {
@@ -203,6 +202,15 @@ impl LatencyTracker {
         self.transmit.get(&device)
     }
 
+    /// How `device`'s transmit latency was measured (docs/latency.md).
+    pub fn transmit_method(&self, device: Device) -> Option<&'static str> {
+        match *self.transmit_method.get(&device)? {
+            TRANSMIT_BY_SKB => Some("skb_identity"),
+            TRANSMIT_BY_LENGTH => Some("length_prediction"),
+            _ => None,
+        }
+    }
+
     /// Requests dropped unanswered because the pending maps were full.
     pub fn evicted(&self) -> u64 {
         self.probes.as_ref().map_or(0, Pending::evicted) + self.handshakes.as_ref().map_or(0, Pending::evicted)
@@ -216,6 +224,8 @@ pub struct PeerLatency {
     pub handshake_rtt_us: Summary,
     /// Measured per tunnel device, so the same for every peer of a tunnel.
     pub transmit_us: Summary,
+    /// `skb_identity` (kernel WireGuard) or `length_prediction` (userspace).
+    pub transmit_method: Option<&'static str>,
     /// The histograms behind the summaries, for the terminal and the exporter.
     #[serde(skip)]
     pub histograms: PeerHistograms,
@@ -278,6 +288,7 @@ pub fn annotate(reports: &mut [TunnelReport], tracker: &LatencyTracker) {
                 inner_rtt_us: inner.as_ref().map(LatencyHistogram::summary).unwrap_or_default(),
                 handshake_rtt_us: handshake.map(LatencyHistogram::summary).unwrap_or_default(),
                 transmit_us: transmit.map(LatencyHistogram::summary).unwrap_or_default(),
+                transmit_method: tracker.transmit_method(device),
                 histograms: PeerHistograms {
                     inner_rtt: inner.filter(|h| !h.is_empty()),
                     handshake_rtt: handshake.cloned(),

@@ -8,6 +8,7 @@ pub mod offsets;
 
 use std::{collections::HashMap, io};
 
+use crate::topology::{Implementation, Topology};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
@@ -16,7 +17,8 @@ use aya::{
 };
 use wgtrace_common::{
     COUNTER_EVENTS_LOST, COUNTER_FORGED, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT,
-    EVENT_TRANSMIT, FlowKey, FlowStats, PacketEvent, PlaintextEvent, RouteEvent, RouteKey, RouteStats, TransmitEvent,
+    EVENT_TRANSMIT, FlowKey, FlowStats, PacketEvent, PlaintextEvent, RouteEvent, RouteKey, RouteStats, TUNNEL_KERNEL,
+    TUNNEL_USERSPACE, TransmitEvent,
 };
 
 /// A hook wgtrace wants, and what it is for when it is missing.
@@ -179,18 +181,28 @@ impl Tracer {
     }
 
     /// Tells the kernel side which devices are tunnels (where plaintext
-    /// packets are timed), adding new ones and removing vanished ones.
-    pub fn set_tunnel_devices(&mut self, devices: &std::collections::HashSet<(u64, u32)>) -> Result<()> {
+    /// packets are timed) and of which implementation, adding new ones and
+    /// removing vanished ones.
+    pub fn set_tunnel_devices(&mut self, topology: &Topology) -> Result<()> {
         let mut map: aya::maps::HashMap<_, DeviceKey, u8> =
             aya::maps::HashMap::try_from(self.ebpf.map_mut("TUNNEL_DEVICES").context("TUNNEL_DEVICES map missing")?)?;
-        let wanted: std::collections::HashSet<DeviceKey> =
-            devices.iter().map(|(netns, ifindex)| DeviceKey { netns: *netns as u32, ifindex: *ifindex }).collect();
-        let stale: Vec<DeviceKey> = map.keys().filter_map(Result::ok).filter(|k| !wanted.contains(k)).collect();
+        let wanted: HashMap<DeviceKey, u8> = topology
+            .tunnels
+            .iter()
+            .map(|t| {
+                let kind = match t.implementation {
+                    Implementation::Kernel => TUNNEL_KERNEL,
+                    Implementation::Userspace => TUNNEL_USERSPACE,
+                };
+                (DeviceKey { netns: t.netns as u32, ifindex: t.ifindex }, kind)
+            })
+            .collect();
+        let stale: Vec<DeviceKey> = map.keys().filter_map(Result::ok).filter(|k| !wanted.contains_key(k)).collect();
         for key in stale {
             let _ = map.remove(&key);
         }
-        for key in wanted {
-            map.insert(key, 1, 0).context("updating TUNNEL_DEVICES")?;
+        for (key, kind) in wanted {
+            map.insert(key, kind, 0).context("updating TUNNEL_DEVICES")?;
         }
         Ok(())
     }
