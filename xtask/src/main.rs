@@ -27,8 +27,18 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, build, and run every test (eBPF and lab tests need root).
+    ///
+    /// Everything by default: unit and host integration tests (wireguard-go
+    /// lab), the same suite against kernel WireGuard in a VM, the fuzz
+    /// targets for a bounded time, and the benchmark's smoke form.
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Only `cargo test` on this host (no VM, fuzzing or benchmark).
+        #[arg(long)]
+        host_only: bool,
+        /// Seconds per fuzz target.
+        #[arg(long, default_value_t = 20)]
+        fuzz_seconds: u32,
+        /// Extra arguments for `cargo test` (e.g. a test name filter); implies --host-only.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -160,32 +170,64 @@ fn trace_with_traffic(wgtrace: &Path, seconds: u32) -> Result<()> {
     Ok(())
 }
 
-fn run_tests(args: &[String]) -> Result<()> {
+/// Runs `cargo test` (echoing its output) and returns (passed, failed).
+fn run_tests(args: &[String]) -> Result<(u64, u64)> {
     setup::setup()?;
     cargo(&["build", "-p", "wgtrace"])?;
     let wgtrace = workspace_root().join("target/debug/wgtrace");
-    let mut command = Command::new(env!("CARGO"));
-    command
+    let mut child = Command::new(env!("CARGO"))
         .arg("test")
         .args(args)
         .current_dir(workspace_root())
         .env("WGTRACE_BIN", &wgtrace)
-        .env("WGTRACE_LAB_HELPER", std::env::current_exe()?);
-    let status = command.status().context("running cargo test")?;
-    if !status.success() {
+        .env("WGTRACE_LAB_HELPER", std::env::current_exe()?)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let mut totals = (0, 0);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().expect("piped"))) {
+        let line = line?;
+        println!("{line}");
+        add_test_result(&mut totals, &line);
+    }
+    if !child.wait()?.success() {
         bail!("tests failed");
     }
-    Ok(())
+    Ok(totals)
+}
+
+/// Adds the counts of a libtest `test result: ... N passed; M failed` line.
+fn add_test_result(totals: &mut (u64, u64), line: &str) {
+    let Some(rest) = line.strip_prefix("test result: ") else { return };
+    let count = |word: &str| {
+        rest.split(';').find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    totals.0 += count("passed").unwrap_or(0);
+    totals.1 += count("failed").unwrap_or(0);
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::setup(),
         Task::Run { args } => run_main_job(&args),
-        Task::Test { args } => run_tests(&args),
+        Task::Test { host_only, fuzz_seconds, args } => {
+            let mut totals = run_tests(&args)?;
+            if !host_only && args.is_empty() {
+                eprintln!("\n== kernel WireGuard in a VM (cargo xtask vm-test)");
+                let output = xtask::vmtest::run(&workspace_root())?;
+                output.lines().for_each(|line| add_test_result(&mut totals, line));
+                eprintln!("\n== fuzzing ({fuzz_seconds} s per target)");
+                xtask::fuzz::run(&workspace_root(), fuzz_seconds)?;
+                eprintln!("\n== benchmark smoke run (no thresholds)");
+                xtask::bench::main(&xtask::bench::Options { smoke: true, rounds: 1, output: None })?;
+            }
+            // One closing line for the whole run, host and VM suites together.
+            println!("\nwgtrace: {} passed, {} failed", totals.0, totals.1);
+            Ok(())
+        }
         Task::VmTest => {
             setup::setup()?;
-            xtask::vmtest::run(&workspace_root())
+            xtask::vmtest::run(&workspace_root()).map(drop)
         }
         Task::Fuzz { seconds } => xtask::fuzz::run(&workspace_root(), seconds),
         Task::Bench { smoke, rounds, output } => xtask::bench::main(&xtask::bench::Options { smoke, rounds, output }),

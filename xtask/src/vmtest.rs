@@ -69,7 +69,8 @@ fn guest_script(workspace: &Path, wgtrace: &Path, helper: &Path, binaries: &[(St
     script
 }
 
-pub fn run(workspace: &Path) -> Result<()> {
+/// Runs the suites in the VM and returns the guest's output.
+pub fn run(workspace: &Path) -> Result<String> {
     vm::ensure_vm_tools()?;
     let status = Command::new(env!("CARGO"))
         .args(["build", "-p", "wgtrace"])
@@ -89,7 +90,7 @@ pub fn run(workspace: &Path) -> Result<()> {
         output.exit_code
     );
     match output.exit_code {
-        0 => Ok(()),
+        0 => Ok(output.output),
         90 => bail!("the guest kernel could not load wireguard.ko"),
         code => bail!("tests failed inside the VM (exit code {code})"),
     }
