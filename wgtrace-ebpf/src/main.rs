@@ -20,7 +20,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::{btf_tracepoint, map},
-    maps::{HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use wgtrace_common::{
@@ -55,13 +55,22 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 #[map]
 static TUNNEL_DEVICES: HashMap<DeviceKey, u8> = HashMap::with_max_entries(TUNNEL_DEVICE_ENTRIES, 0);
 
+/// Listen ports of every tunnel, kept current by userspace: only route
+/// lookups from these ports are tunnel transport worth recording.
+#[map]
+static TUNNEL_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(TUNNEL_DEVICE_ENTRIES, 0);
+
 /// Sampled plaintext packets by skb address, for kernel WireGuard, which
 /// keeps the skb through encryption.
 #[map]
 static SKB_SAMPLES: LruHashMap<u64, TransmitOrigin> = LruHashMap::with_max_entries(TRANSMIT_PENDING_ENTRIES, 0);
 
 /// A sample not seen leaving within this long is abandoned.
-const MAX_TRANSMIT_NS: u64 = 1_000_000_000;
+const MAX_TRANSMIT_NS: u64 = 100_000_000;
+
+/// When the last plaintext sample was taken.
+#[map]
+static LAST_SAMPLE: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Sampled plaintext packets awaiting their next encryption.
 #[map]
@@ -87,6 +96,16 @@ fn read<T>(base: *const u8, offset: usize) -> Result<T, ()> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset) as *const T) }.map_err(|_| count(COUNTER_READ_ERRORS))
 }
 
+/// A field of a kernel struct reached through a BTF-typed pointer (a
+/// tracepoint argument, or a pointer loaded from one): a plain load, which
+/// the verifier checks against the kernel's BTF and makes fault-safe. Much
+/// cheaper than a `bpf_probe_read_kernel` call; packet bytes and the task
+/// struct (reached through an untyped pointer) still use the helper.
+#[inline(always)]
+fn load<T: Copy>(base: *const u8, offset: usize) -> T {
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset) as *const T) }
+}
+
 #[inline(always)]
 fn count(slot: u32) {
     if let Some(counter) = COUNTERS.get_ptr_mut(slot) {
@@ -96,8 +115,8 @@ fn count(slot: u32) {
 
 #[inline(always)]
 fn netns_of_device(dev: *const u8) -> Result<u32, ()> {
-    let net: *const u8 = read(dev, offset!(net_device_net))?;
-    read(net, offset!(net_inum))
+    let net: *const u8 = load(dev, offset!(net_device_net));
+    Ok(load(net, offset!(net_inum)))
 }
 
 #[inline(always)]
@@ -132,7 +151,7 @@ pub fn fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let flow: *const u8 = ctx.arg(1);
-    let protocol: u8 = read(flow, offset!(flowi4_proto))?;
+    let protocol: u8 = load(flow, offset!(flowi4_proto));
     if protocol != IPPROTO_UDP {
         return Ok(());
     }
@@ -142,19 +161,22 @@ fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let mut key = RouteKey {
         table,
         family: AF_INET,
-        mark: read(flow, offset!(flowi4_mark))?,
-        oif: read(flow, offset!(flowi4_oif))?,
-        iif: read(flow, offset!(flowi4_iif))?,
-        sport: u16::from_be(read(flow, offset!(flowi4_sport))?),
-        dport: u16::from_be(read(flow, offset!(flowi4_dport))?),
+        mark: load(flow, offset!(flowi4_mark)),
+        oif: load(flow, offset!(flowi4_oif)),
+        iif: load(flow, offset!(flowi4_iif)),
+        sport: u16::from_be(load(flow, offset!(flowi4_sport))),
+        dport: u16::from_be(load(flow, offset!(flowi4_dport))),
         ..RouteKey::default()
     };
-    let saddr: [u8; 4] = read(flow, offset!(flowi4_saddr))?;
-    let daddr: [u8; 4] = read(flow, offset!(flowi4_daddr))?;
+    if TUNNEL_PORTS.get_ptr(&key.sport).is_none() {
+        return Ok(());
+    }
+    let saddr = load::<u32>(flow, offset!(flowi4_saddr)).to_ne_bytes();
+    let daddr = load::<u32>(flow, offset!(flowi4_daddr)).to_ne_bytes();
     key.saddr[..4].copy_from_slice(&saddr);
     key.daddr[..4].copy_from_slice(&daddr);
     let device: *const u8 =
-        if nexthop.is_null() || error != 0 { core::ptr::null() } else { read(nexthop, offset!(fib_nh_common_dev))? };
+        if nexthop.is_null() || error != 0 { core::ptr::null() } else { load(nexthop, offset!(fib_nh_common_dev)) };
     key.netns = if device.is_null() { netns_of_current_task()? } else { netns_of_device(device)? };
     record_route(&key, device, error)
 }
@@ -169,7 +191,7 @@ pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let flow: *const u8 = ctx.arg(3);
-    let protocol: u8 = read(flow, offset!(flowi6_proto))?;
+    let protocol: u8 = load(flow, offset!(flowi6_proto));
     if protocol != IPPROTO_UDP {
         return Ok(());
     }
@@ -177,20 +199,23 @@ fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let result: *const u8 = ctx.arg(1);
     let table: *const u8 = ctx.arg(2);
     let mut key = RouteKey {
-        table: if table.is_null() { 0 } else { read(table, offset!(fib6_table_id))? },
+        table: if table.is_null() { 0 } else { load(table, offset!(fib6_table_id)) },
         family: AF_INET6,
-        netns: read(net, offset!(net_inum))?,
-        mark: read(flow, offset!(flowi6_mark))?,
-        oif: read(flow, offset!(flowi6_oif))?,
-        iif: read(flow, offset!(flowi6_iif))?,
-        sport: u16::from_be(read(flow, offset!(flowi6_sport))?),
-        dport: u16::from_be(read(flow, offset!(flowi6_dport))?),
+        netns: load(net, offset!(net_inum)),
+        mark: load(flow, offset!(flowi6_mark)),
+        oif: load(flow, offset!(flowi6_oif)),
+        iif: load(flow, offset!(flowi6_iif)),
+        sport: u16::from_be(load(flow, offset!(flowi6_sport))),
+        dport: u16::from_be(load(flow, offset!(flowi6_dport))),
         ..RouteKey::default()
     };
+    if TUNNEL_PORTS.get_ptr(&key.sport).is_none() {
+        return Ok(());
+    }
     key.saddr = read(flow, offset!(flowi6_saddr))?;
     key.daddr = read(flow, offset!(flowi6_daddr))?;
-    let nexthop: *const u8 = read(result, offset!(fib6_result_nh))?;
-    let device: *const u8 = if nexthop.is_null() { core::ptr::null() } else { read(nexthop, offset!(fib6_nh_dev))? };
+    let nexthop: *const u8 = load(result, offset!(fib6_result_nh));
+    let device: *const u8 = if nexthop.is_null() { core::ptr::null() } else { load(nexthop, offset!(fib6_nh_dev)) };
     // IPv6 reports a miss as a nexthop-less result rather than an errno.
     let error = if device.is_null() { -11 } else { 0 };
     record_route(&key, device, error)
@@ -206,7 +231,7 @@ fn record_route(key: &RouteKey, device: *const u8, error: i32) -> Result<(), ()>
         }
         return Ok(());
     }
-    let result_ifindex: u32 = if device.is_null() { 0 } else { read(device, offset!(net_device_ifindex))? };
+    let result_ifindex: u32 = if device.is_null() { 0 } else { load(device, offset!(net_device_ifindex)) };
     let stats = RouteStats { lookups: 1, last_seen_ns: now, result_ifindex, error };
     if ROUTES.insert(key, &stats, BPF_NOEXIST).is_err() {
         return Ok(()); // another CPU announced it first
@@ -240,9 +265,8 @@ pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "netif_receive_skb")]
 pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
     let skb: *const u8 = ctx.arg(0);
-    if let Ok(dev) = read::<*const u8>(skb, offset!(skb_dev)) {
-        let _ = on_packet(skb, dev, DIR_INGRESS);
-    }
+    let dev: *const u8 = load(skb, offset!(skb_dev));
+    let _ = on_packet(skb, dev, DIR_INGRESS);
     0
 }
 
@@ -272,18 +296,18 @@ struct Packet {
 
 #[inline(always)]
 fn on_packet(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
-    let ethertype: u16 = read(skb, offset!(skb_protocol))?;
+    let ethertype: u16 = load(skb, offset!(skb_protocol));
     if ethertype != ETH_P_IP_RAW && ethertype != ETH_P_IPV6_RAW {
         return Ok(());
     }
     // On transmit the stack has set the network header; on receive the
     // tracepoint fires before it is reset, but `data` already points at L3.
     let l3: *const u8 = if direction == DIR_EGRESS {
-        let head: *const u8 = read(skb, offset!(skb_head))?;
-        let network_header: u16 = read(skb, offset!(skb_network_header))?;
+        let head: *const u8 = load(skb, offset!(skb_head));
+        let network_header: u16 = load(skb, offset!(skb_network_header));
         head.wrapping_add(network_header as usize)
     } else {
-        read(skb, offset!(skb_data))?
+        load(skb, offset!(skb_data))
     };
     let mut packet = Packet {
         skb,
@@ -334,7 +358,7 @@ fn on_packet(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
 
 #[inline(always)]
 fn device_key(dev: *const u8) -> Result<DeviceKey, ()> {
-    Ok(DeviceKey { netns: netns_of_device(dev)?, ifindex: read(dev, offset!(net_device_ifindex))? })
+    Ok(DeviceKey { netns: netns_of_device(dev)?, ifindex: load(dev, offset!(net_device_ifindex)) })
 }
 
 #[inline(always)]
@@ -344,15 +368,11 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
     let Some(message) = wire::classify(&udp.payload, udp_length.wrapping_sub(8)) else {
         return Ok(());
     };
-    if packet.direction == DIR_EGRESS && forged(packet.skb)? {
-        count(COUNTER_FORGED);
-        return Ok(());
-    }
     let device = device_key(packet.dev)?;
     let key = FlowKey {
         netns: device.netns,
         ifindex: device.ifindex,
-        mark: read(packet.skb, offset!(skb_mark))?,
+        mark: load(packet.skb, offset!(skb_mark)),
         family: packet.family,
         direction: packet.direction,
         saddr: packet.saddr,
@@ -374,6 +394,12 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
             false
         }
         None => {
+            // Checked once per flow, when it would start: a forged packet
+            // never gets a flow of its own, so it can never make a verdict.
+            if packet.direction == DIR_EGRESS && forged(packet.skb)? {
+                count(COUNTER_FORGED);
+                return Ok(());
+            }
             let stats = FlowStats { packets: 1, bytes, last_seen_ns: now };
             FLOWS.insert(&key, &stats, BPF_NOEXIST).is_ok()
         }
@@ -421,16 +447,16 @@ fn forged(skb: *const u8) -> Result<bool, ()> {
     if type_at == OFFSET_UNAVAILABLE || protocol_at == OFFSET_UNAVAILABLE || family_at == OFFSET_UNAVAILABLE {
         return Ok(false);
     }
-    let sock: *const u8 = read(skb, offset!(skb_sk))?;
+    let sock: *const u8 = load(skb, offset!(skb_sk));
     if sock.is_null() {
         return Ok(false);
     }
-    let family: u16 = read(sock, family_at as usize)?;
+    let family: u16 = load(sock, family_at as usize);
     if family == AF_PACKET {
         return Ok(true);
     }
-    let socket_type: u16 = read(sock, type_at as usize)?;
-    let protocol: u16 = read(sock, protocol_at as usize)?;
+    let socket_type: u16 = load(sock, type_at as usize);
+    let protocol: u16 = load(sock, protocol_at as usize);
     Ok(socket_type == SOCK_RAW && (protocol == IPPROTO_RAW || protocol == IPPROTO_UDP as u16))
 }
 
@@ -443,6 +469,12 @@ fn forged(skb: *const u8) -> Result<bool, ()> {
 /// tunnel's transport is itself plaintext for the outer tunnel).
 #[inline(always)]
 fn follow_transmit(skb: *const u8, flow: &FlowKey, payload_length: u32, ip_length: u32, now: u64) {
+    // Most data packets are not samples: skip the lookups unless a sample
+    // was taken recently enough to still be on its way.
+    let last_sample = LAST_SAMPLE.get(0).copied().unwrap_or(0);
+    if now.wrapping_sub(last_sample) > MAX_TRANSMIT_NS {
+        return;
+    }
     let by_length = TransmitKey { netns: flow.netns, payload_length };
     let (origin, method) = match SKB_SAMPLES.get_ptr(&(skb as u64)) {
         // A recycled skb address with a stale entry is not the sample.
@@ -543,6 +575,9 @@ fn on_plaintext(packet: &Packet) -> Result<(), ()> {
         let key = TransmitKey { netns: device.netns, payload_length: ciphertext_length(packet.ip_length) };
         let origin = TransmitOrigin { entered_ns: event.timestamp_ns, ifindex: device.ifindex, stage: 0 };
         let _ = TRANSMIT_PENDING.insert(&key, &origin, 0);
+        if let Some(last) = LAST_SAMPLE.get_ptr_mut(0) {
+            unsafe { *last = event.timestamp_ns };
+        }
         // Only kernel WireGuard keeps the skb: a TUN device's is freed, and
         // its address soon reused by an unrelated packet.
         if tunnel_kind == TUNNEL_KERNEL {

@@ -133,6 +133,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let started = Instant::now();
     // Bound before tracing starts, so a taken port fails fast.
     let exporter = options.prometheus.map(Exporter::bind).transpose()?;
+    // Handlers first: a signal that arrives once programs are attached must
+    // end in a clean exit and report, not the default action.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let tracer = Tracer::start()?;
     for hook in &tracer.hooks {
         log::info!("hook {}: {}", hook.name, if hook.active { "active" } else { "inactive" });
@@ -159,7 +163,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .map_err(|e| e.into_parts().1)
         .context("watching the ring buffer")?;
     let live = !options.json && std::io::stderr().is_terminal();
-    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut ticker = tokio::time::interval(options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
@@ -186,7 +189,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     }
                 }
             }
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
         }

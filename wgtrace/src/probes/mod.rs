@@ -83,23 +83,29 @@ impl Tracer {
     pub fn start() -> Result<Self> {
         check_privileges()?;
         raise_memlock_limit();
-        let btf = btf::Btf::from_sys_fs()?;
-        let kernel_offsets = offsets::resolve(&btf)?;
-        let aya_btf = aya::Btf::from_sys_fs().context("loading the kernel's BTF for aya")?;
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wgtrace"));
         anyhow::ensure!(
             !object.is_empty(),
             "this wgtrace was built without its eBPF programs (AYA_BUILD_SKIP was set); rebuild without it"
         );
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&aya_btf))
-            .override_global("KERNEL_OFFSETS", &kernel_offsets, true)
-            .load(object)
-            .map_err(explain_load_error)?;
+        // The kernel's BTF is large (several MB parsed): hold one parsed copy
+        // at a time. Ours yields the offsets and which tracepoints exist...
+        let (kernel_offsets, available) = {
+            let btf = btf::Btf::from_sys_fs()?;
+            let available: Vec<bool> = HOOKS.iter().map(|h| btf.has_tracepoint(h.tracepoint)).collect();
+            (offsets::resolve(&btf)?, available)
+        };
+        // ...then aya's, to load the programs. The loader parses its own copy
+        // for CO-RE relocations, which Rust programs do not have: drop it.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
+        let aya_btf = aya::Btf::from_sys_fs().context("loading the kernel's BTF for aya")?;
+        let mut ebpf =
+            loader.override_global("KERNEL_OFFSETS", &kernel_offsets, true).load(object).map_err(explain_load_error)?;
 
         let mut hooks = Vec::new();
-        for hook in HOOKS {
-            let status = if !btf.has_tracepoint(hook.tracepoint) {
+        for (hook, available) in HOOKS.iter().zip(available) {
+            let status = if !available {
                 Err(anyhow::anyhow!(
                     "this kernel has no BTF tracepoint {} (needs Linux 5.5+ with BTF)",
                     hook.tracepoint
@@ -181,8 +187,9 @@ impl Tracer {
     }
 
     /// Tells the kernel side which devices are tunnels (where plaintext
-    /// packets are timed) and of which implementation, adding new ones and
-    /// removing vanished ones.
+    /// packets are timed) and of which implementation, and which ports their
+    /// transport uses (whose routing decisions are recorded), adding new
+    /// ones and removing vanished ones.
     pub fn set_tunnel_devices(&mut self, topology: &Topology) -> Result<()> {
         let mut map: aya::maps::HashMap<_, DeviceKey, u8> =
             aya::maps::HashMap::try_from(self.ebpf.map_mut("TUNNEL_DEVICES").context("TUNNEL_DEVICES map missing")?)?;
@@ -203,6 +210,17 @@ impl Tracer {
         }
         for (key, kind) in wanted {
             map.insert(key, kind, 0).context("updating TUNNEL_DEVICES")?;
+        }
+        let mut ports: aya::maps::HashMap<_, u16, u8> =
+            aya::maps::HashMap::try_from(self.ebpf.map_mut("TUNNEL_PORTS").context("TUNNEL_PORTS map missing")?)?;
+        let wanted: std::collections::HashSet<u16> =
+            topology.tunnels.iter().filter_map(|t| t.device.as_ref().map(|d| d.listen_port)).collect();
+        let stale: Vec<u16> = ports.keys().filter_map(Result::ok).filter(|p| !wanted.contains(p)).collect();
+        for port in stale {
+            let _ = ports.remove(&port);
+        }
+        for port in wanted {
+            ports.insert(port, 1, 0).context("updating TUNNEL_PORTS")?;
         }
         Ok(())
     }
