@@ -332,15 +332,7 @@ pub fn render(report: &CheckReport, colour: bool) -> String {
                     let _ = writeln!(out, "  → {endpoint}: no route");
                 }
             }
-            if let Some(why) = &peer.explanation {
-                let _ = writeln!(out, "    why: {why}");
-            }
-            if let Some(fix) = &peer.fix_details {
-                let _ = writeln!(out, "    fix: {}", fix.wg_quick);
-                let _ = writeln!(out, "         now: {}", fix.wg_set);
-                let _ = writeln!(out, "         systemd-networkd: {}", fix.systemd_networkd);
-                let _ = writeln!(out, "         NetworkManager: {}", fix.network_manager);
-            }
+            crate::report::render_diagnosis(&mut out, peer, "    ");
         }
     }
     if report.tunnels.is_empty() {

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::{
-    correlation::TunnelReport,
+    correlation::{PeerReport, TunnelReport},
     latency::{NestingCost, PeerLatency, Summary},
     probes::HookStatus,
     topology::netlink::table_name,
@@ -82,16 +82,7 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
                 _ if peer.transport.is_some() => out.push_str("      direct: not inside another tunnel\n"),
                 _ => {}
             }
-            if let Some(why) = &peer.explanation {
-                let _ = writeln!(out, "      why: {why}");
-            }
-            if let Some(fix) = &peer.fix_details {
-                let _ = writeln!(out, "      fix: {}", fix.wg_quick);
-                let _ = writeln!(out, "           now: {}", fix.wg_set);
-                let _ = writeln!(out, "           systemd-networkd: {}", fix.systemd_networkd);
-                let _ = writeln!(out, "           NetworkManager: {}", fix.network_manager);
-                let _ = writeln!(out, "           verified: would leave via {}", fix.verified_egress_interface);
-            }
+            render_diagnosis(&mut out, peer, "      ");
             if let Some(latency) = &peer.latency {
                 render_latency(&mut out, latency);
             }
@@ -119,6 +110,21 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
         );
     }
     out
+}
+
+/// Why a peer is nested and the fix in every form a user may need; shared
+/// by `run` and `check` output.
+pub fn render_diagnosis(out: &mut String, peer: &PeerReport, indent: &str) {
+    if let Some(why) = &peer.explanation {
+        let _ = writeln!(out, "{indent}why: {why}");
+    }
+    if let Some(fix) = &peer.fix_details {
+        let _ = writeln!(out, "{indent}fix: {}", fix.wg_quick);
+        let _ = writeln!(out, "{indent}     now: {}", fix.wg_set);
+        let _ = writeln!(out, "{indent}     systemd-networkd: {}", fix.systemd_networkd);
+        let _ = writeln!(out, "{indent}     NetworkManager: {}", fix.network_manager);
+        let _ = writeln!(out, "{indent}     verified: would leave via {}", fix.verified_egress_interface);
+    }
 }
 
 /// Microseconds for people: `850 µs`, `41.2 ms`, `1.25 s`.
