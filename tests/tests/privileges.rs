@@ -46,3 +46,28 @@ fn check_without_privileges_says_it_is_incomplete() {
     assert!(stdout.contains("run as root"), "{stdout}");
     assert!(!stdout.contains("healthy:"), "must not claim health it could not check: {stdout}");
 }
+
+#[test]
+fn dropped_privileges_still_trace() {
+    if !privileged_or_skip("dropped_privileges_still_trace") {
+        return;
+    }
+    use wgtrace_tests::{LabGuard, Trace, Traffic, client_peer, lab};
+    let _lab = LabGuard::up(&lab::LabOptions::default()).unwrap();
+    let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    let trace = Trace::start(4.0, &["--drop-privileges"]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", trace.pid())).unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(effective & (1 << 39), 0, "CAP_BPF dropped: {effective:#x}");
+    assert_eq!(effective & (1 << 38), 0, "CAP_PERFMON dropped: {effective:#x}");
+    assert_eq!(effective & (1 << 16), 0, "CAP_SYS_MODULE dropped: {effective:#x}");
+    let report = trace.report().unwrap();
+    let wg1 = client_peer(&report, "wg1");
+    assert_eq!(wg1["nested_in"], "wg0", "tracing, topology and verdicts still work: {wg1:#}");
+    assert!(wg1["latency"]["inner_rtt_us"]["count"].as_u64().unwrap() > 0);
+}

@@ -13,6 +13,7 @@ pub mod check;
 pub mod correlation;
 pub mod exporter;
 pub mod latency;
+pub mod privileges;
 pub mod probes;
 pub mod redact;
 pub mod report;

@@ -57,6 +57,10 @@ Examples:
         /// Nothing is sent without this flag.
         #[arg(long)]
         probe: bool,
+        /// Once attached, give up every capability but CAP_NET_ADMIN,
+        /// CAP_NET_RAW, CAP_SYS_PTRACE and CAP_SYS_ADMIN (no more BPF loading).
+        #[arg(long)]
+        drop_privileges: bool,
         /// Serve Prometheus metrics at http://ADDR/metrics while tracing
         /// (OpenMetrics or text format 0.0.4, as the scraper asks), until
         /// SIGTERM. ADDR is IP:PORT, or :PORT for 127.0.0.1; on any other
@@ -107,7 +111,17 @@ fn main() -> std::process::ExitCode {
         wgtrace::redact::enable();
     }
     let result = match cli.command {
-        Command::Run { duration, interval, json, netns, current_netns, probe, prometheus, verbose } => {
+        Command::Run {
+            duration,
+            interval,
+            json,
+            netns,
+            current_netns,
+            probe,
+            drop_privileges,
+            prometheus,
+            verbose,
+        } => {
             init_logging(verbose);
             (|| -> Result<u8> {
                 let options = RunOptions {
@@ -115,6 +129,7 @@ fn main() -> std::process::ExitCode {
                     interval: seconds(interval, "interval")?,
                     json,
                     probe,
+                    drop_privileges,
                     prometheus,
                     scope: match (netns, current_netns) {
                         (Some(name), _) => Scope::Named(name),

@@ -28,6 +28,8 @@ pub struct RunOptions {
     pub scope: Scope,
     /// Send ICMP echoes along both paths of each nested tunnel (`--probe`).
     pub probe: bool,
+    /// Give up every capability tracing no longer needs once attached.
+    pub drop_privileges: bool,
     /// Serve Prometheus metrics on this address (`--prometheus`).
     pub prometheus: Option<std::net::SocketAddr>,
 }
@@ -151,6 +153,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         first_verdict_logged: false,
     };
     session.refresh_topology()?;
+    if options.drop_privileges {
+        crate::privileges::drop_to_tracing_only()?;
+    }
     // Serving starts with a report, so the first scrape has data. The run
     // loop only ever publishes (never waits) to the HTTP side.
     let publisher = match exporter {

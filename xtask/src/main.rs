@@ -45,6 +45,12 @@ enum Task {
     /// Run the integration suite against kernel WireGuard on Debian's stock
     /// kernel, in a VM (qemu, software emulation).
     VmTest,
+    /// Trace the lab under mixed load with the exporter on, checking memory
+    /// stays flat and scrapes stay fast (ten minutes: --seconds 600).
+    Soak {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
     /// Run every fuzz target of fuzz/ for a bounded time (cargo-fuzz, nightly).
     Fuzz {
         /// Seconds per target.
@@ -218,6 +224,8 @@ fn main() -> Result<()> {
                 output.lines().for_each(|line| add_test_result(&mut totals, line));
                 eprintln!("\n== fuzzing ({fuzz_seconds} s per target)");
                 xtask::fuzz::run(&workspace_root(), fuzz_seconds)?;
+                eprintln!("\n== soak, short form (60 s)");
+                xtask::soak::run(&workspace_root(), 60)?;
                 eprintln!("\n== benchmark smoke run (no thresholds)");
                 xtask::bench::main(&xtask::bench::Options { smoke: true, rounds: 1, output: None })?;
             }
@@ -228,6 +236,10 @@ fn main() -> Result<()> {
         Task::VmTest => {
             setup::setup()?;
             xtask::vmtest::run(&workspace_root()).map(drop)
+        }
+        Task::Soak { seconds } => {
+            setup::setup()?;
+            xtask::soak::run(&workspace_root(), seconds)
         }
         Task::Fuzz { seconds } => xtask::fuzz::run(&workspace_root(), seconds),
         Task::Bench { smoke, rounds, output } => xtask::bench::main(&xtask::bench::Options { smoke, rounds, output }),
