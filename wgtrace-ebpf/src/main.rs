@@ -2,7 +2,8 @@
 //! for kernel WireGuard (usually a module) and userspace implementations alike.
 //!
 //! * `fib_table_lookup` / `fib6_table_lookup`: every routing-table lookup for
-//!   a UDP flow, aggregated per (netns, mark, table, flow) in an LRU map.
+//!   a UDP flow from a tunnel's port, aggregated per (netns, mark, table,
+//!   flow) in an LRU map.
 //! * `net_dev_start_xmit` / `netif_receive_skb`: every packet leaving or
 //!   entering any device of any namespace, including devices created after we
 //!   attached. Chosen over TCX because tracepoints need no per-interface
@@ -11,9 +12,13 @@
 //!   because tp_btf skips building the trace record (measured: 7% and 20% of
 //!   tunnel throughput for empty classic programs here).
 //!
-//! Non-UDP packets leave after a few loads. WireGuard data packets only bump
-//! per-CPU counters; the ring buffer carries new flows, new route decisions
-//! and handshake messages, and a failed reservation is counted, never silent.
+//! Packets that are neither UDP nor, on a tunnel's own device, an echo or a
+//! TCP handshake leave after a few loads. WireGuard data packets only bump
+//! per-CPU counters; the ring buffer carries new flows, new route decisions,
+//! handshake messages and latency samples, and a failed reservation is
+//! counted, never silent. Helpers are inlined: a BPF subprogram may not hand
+//! a pointer to its stack back to its caller, and one frame keeps the
+//! verifier's work small.
 #![no_std]
 #![no_main]
 
