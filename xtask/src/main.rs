@@ -150,28 +150,36 @@ fn run_main_job(args: &[String]) -> Result<()> {
             "\n== Broken: ping over wg1 takes {:.1} ms (median). Tracing 5 s of traffic:",
             lab::ping_ms(lab::WG1_REMOTE, 5)?
         );
-        trace_with_traffic(&wgtrace, 5)?;
+        // --probe: a few echoes along both paths show what the fix will save.
+        trace_with_traffic(&wgtrace, 5, &["--probe"])?;
         lab::fix()?;
         eprintln!(
             "\n== After `wg set wg1 fwmark {}`: ping over wg1 takes {:.1} ms. Tracing again:",
             lab::FULL_TUNNEL_MARK,
             lab::ping_ms(lab::WG1_REMOTE, 5)?
         );
-        trace_with_traffic(&wgtrace, 3)
+        trace_with_traffic(&wgtrace, 3, &[])
     })();
     lab::down()?;
     result
 }
 
-fn trace_with_traffic(wgtrace: &Path, seconds: u32) -> Result<()> {
+/// Pings over wg1 and wg0 (so both tunnels' RTTs show side by side) while
+/// `wgtrace run` traces for `seconds` with `extra` arguments.
+fn trace_with_traffic(wgtrace: &Path, seconds: u32, extra: &[&str]) -> Result<()> {
     let count = (seconds * 5).to_string();
-    let mut traffic = Command::new("ip")
-        .args(["netns", "exec", lab::CLIENT, "ping", "-q", "-i", "0.2", "-c", &count, lab::WG1_REMOTE])
-        .stdout(Stdio::null())
-        .spawn()?;
-    let status = Command::new(wgtrace).args(["run", "--duration", &seconds.to_string()]).status();
-    let _ = traffic.kill();
-    let _ = traffic.wait();
+    let ping = |address: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", lab::CLIENT, "ping", "-q", "-i", "0.2", "-c", &count, address])
+            .stdout(Stdio::null())
+            .spawn()
+    };
+    let mut traffic = [ping(lab::WG1_REMOTE)?, ping(lab::WG0_REMOTE)?];
+    let status = Command::new(wgtrace).args(["run", "--duration", &seconds.to_string()]).args(extra).status();
+    for ping in &mut traffic {
+        let _ = ping.kill();
+        let _ = ping.wait();
+    }
     anyhow::ensure!(status?.success(), "wgtrace run failed");
     Ok(())
 }

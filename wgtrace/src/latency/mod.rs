@@ -337,8 +337,10 @@ pub fn probe_nested(reports: &mut [TunnelReport], topology: &Topology) {
                 let extra = current.saturating_sub(direct);
                 cost.estimated_cost_us = Some(extra);
                 let own = peer.latency.as_ref().map(|l| l.inner_rtt_us).filter(|s| s.count > 0).map(|s| s.p50);
-                // Without inner traffic, the direct path's RTT is the best guess.
-                cost.expected_inner_rtt_after_fix_us = Some(own.map_or(direct, |own| own.saturating_sub(extra)));
+                // Never below the direct path itself; without inner traffic
+                // that is the best guess.
+                cost.expected_inner_rtt_after_fix_us =
+                    Some(own.map_or(direct, |own| own.saturating_sub(extra).max(direct)));
             }
         }
     }
