@@ -50,12 +50,6 @@ pub fn classify(prefix: &[u8; HEADER_PREFIX_LEN], payload_len: u32) -> Option<Me
     Some(Message { message_type, sender, receiver })
 }
 
-/// Data messages carry 16 bytes of header and 16 of tag around the padded
-/// plaintext, so a ciphertext of `len` bytes holds at most `len - 32`.
-pub fn plaintext_capacity(ciphertext_len: u32) -> u32 {
-    ciphertext_len.saturating_sub(TRANSPORT_DATA_MIN_LEN)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,11 +96,5 @@ mod tests {
         for bogus in [0u8, 5, 0x80, 0xff] {
             assert_eq!(classify(&prefix(bogus, 1, 1), 64), None);
         }
-    }
-
-    #[test]
-    fn plaintext_capacity_never_underflows() {
-        assert_eq!(plaintext_capacity(96), 64);
-        assert_eq!(plaintext_capacity(10), 0);
     }
 }

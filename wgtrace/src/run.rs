@@ -168,7 +168,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .map_err(|e| e.into_parts().1)
         .context("watching the ring buffer")?;
     let live = !options.json && std::io::stderr().is_terminal();
-    let mut ticker = tokio::time::interval(options.interval);
+    // The topology was just discovered: the first refresh is one interval away.
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + options.interval, options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     loop {

@@ -54,7 +54,6 @@ pub const WG3_REMOTE: &str = "198.18.3.1";
 /// client's connected subnet, so (as on a real host) only a default route
 /// reaches it, and wg-quick's `suppress_prefixlength 0` hands it to wg0.
 pub const ROUTER_PUBLIC_V4: &str = "192.0.2.200";
-pub const ROUTER_PUBLIC_V6: &str = "2001:db8:e::1";
 pub const WG1_ENDPOINT: &str = "192.0.2.200:51821";
 pub const DELAY_DEVICE: &str = "dly";
 

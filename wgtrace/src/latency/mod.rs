@@ -210,11 +210,6 @@ impl LatencyTracker {
             _ => None,
         }
     }
-
-    /// Requests dropped unanswered because the pending maps were full.
-    pub fn evicted(&self) -> u64 {
-        self.probes.as_ref().map_or(0, Pending::evicted) + self.handshakes.as_ref().map_or(0, Pending::evicted)
-    }
 }
 
 /// The JSON `latency` object of a peer; counts are 0 where nothing was seen.

@@ -179,10 +179,6 @@ impl Btf {
         id
     }
 
-    pub fn has_struct(&self, name: &str) -> bool {
-        self.aggregates_by_name.contains_key(name)
-    }
-
     /// Byte offset of `path` (e.g. `["__fl_common", "flowic_mark"]`) inside
     /// `struct NAME`. Members of anonymous structs and unions are found as
     /// if they were direct members, as in C.

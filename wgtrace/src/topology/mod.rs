@@ -160,10 +160,6 @@ impl Topology {
         Ok(topology)
     }
 
-    pub fn tunnel_on_port(&self, netns: u64, port: u16) -> Option<&Tunnel> {
-        self.tunnels.iter().find(|t| t.netns == netns && t.device.as_ref().is_some_and(|d| d.listen_port == port))
-    }
-
     pub fn tunnel_on_ifindex(&self, netns: u64, ifindex: u32) -> Option<&Tunnel> {
         self.tunnels.iter().find(|t| t.netns == netns && t.ifindex == ifindex)
     }
