@@ -34,6 +34,8 @@ pub const COUNTER_READ_ERRORS: u32 = 1;
 /// WireGuard-shaped packets sent by something other than a UDP socket
 /// (raw or packet sockets): forged, never attributed to a tunnel.
 pub const COUNTER_FORGED: u32 = 2;
+/// Runs of any program: the load userspace sizes its tracing windows by.
+pub const COUNTER_HOOK_RUNS: u32 = 3;
 pub const COUNTER_SLOTS: u32 = 4;
 
 /// An offset the running kernel's BTF could not provide.

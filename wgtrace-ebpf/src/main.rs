@@ -29,13 +29,13 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use wgtrace_common::{
-    AF_INET, AF_INET6, AF_PACKET, COUNTER_EVENTS_LOST, COUNTER_FORGED, COUNTER_READ_ERRORS, COUNTER_SLOTS, DIR_EGRESS,
-    DIR_INGRESS, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT,
-    FLOW_MAP_ENTRIES, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP, IPPROTO_UDP,
-    KernelOffsets, OFFSET_UNAVAILABLE, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK,
-    PacketEvent, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW,
-    TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent,
-    TransmitKey, TransmitOrigin, ciphertext_length,
+    AF_INET, AF_INET6, AF_PACKET, COUNTER_EVENTS_LOST, COUNTER_FORGED, COUNTER_HOOK_RUNS, COUNTER_READ_ERRORS,
+    COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE,
+    EVENT_PLAINTEXT, EVENT_TRANSMIT, FLOW_MAP_ENTRIES, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW,
+    IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, OFFSET_UNAVAILABLE, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST,
+    PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PacketEvent, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent,
+    RouteKey, RouteStats, SOCK_RAW, TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES,
+    TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent, TransmitKey, TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -145,6 +145,7 @@ fn device_name(dev: *const u8, name: &mut [u8; 16]) {
 
 #[btf_tracepoint(function = "fib_table_lookup")]
 pub fn fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
+    count(COUNTER_HOOK_RUNS);
     let _ = on_fib4_lookup(&ctx);
     0
 }
@@ -188,6 +189,7 @@ fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
 
 #[btf_tracepoint(function = "fib6_table_lookup")]
 pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
+    count(COUNTER_HOOK_RUNS);
     let _ = on_fib6_lookup(&ctx);
     0
 }
@@ -261,6 +263,7 @@ fn record_route(key: &RouteKey, device: *const u8, error: i32) -> Result<(), ()>
 
 #[btf_tracepoint(function = "net_dev_start_xmit")]
 pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
+    count(COUNTER_HOOK_RUNS);
     let skb: *const u8 = ctx.arg(0);
     let dev: *const u8 = ctx.arg(1);
     let _ = on_packet(skb, dev, DIR_EGRESS);
@@ -269,6 +272,7 @@ pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "netif_receive_skb")]
 pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
+    count(COUNTER_HOOK_RUNS);
     let skb: *const u8 = ctx.arg(0);
     let dev: *const u8 = load(skb, offset!(skb_dev));
     let _ = on_packet(skb, dev, DIR_INGRESS);

@@ -22,6 +22,9 @@ pub struct Report {
     /// Routing-table lookups of UDP flows per (mark, table).
     pub route_lookups: Vec<RouteLookups>,
     pub duration_seconds: f64,
+    /// Share of the run with the programs attached: 1 unless the load made
+    /// wgtrace trace in windows, when packet counts are extrapolated.
+    pub traced_fraction: f64,
 }
 
 #[derive(Debug, Serialize)]

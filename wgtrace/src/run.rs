@@ -32,6 +32,8 @@ pub struct RunOptions {
     pub drop_privileges: bool,
     /// Serve Prometheus metrics on this address (`--prometheus`).
     pub prometheus: Option<std::net::SocketAddr>,
+    /// Above this many program runs per second, trace in windows (0: never).
+    pub max_traced_rate: u64,
 }
 
 struct Session {
@@ -48,7 +50,13 @@ struct Session {
 impl Session {
     /// Rediscovers tunnels, so new ones are timed and vanished ones dropped.
     fn refresh_topology(&mut self) -> Result<()> {
-        self.topology = Topology::discover(&self.scope)?;
+        let topology = Topology::discover(&self.scope)?;
+        // New tunnels, endpoints, marks or rules are when transport takes a
+        // new path: trace its first packets continuously.
+        if topology.fingerprint() != self.topology.fingerprint() {
+            self.tracer.hold_continuous();
+        }
+        self.topology = topology;
         self.latency.set_topology(&self.topology);
         self.tracer.set_tunnel_devices(&self.topology)
     }
@@ -127,6 +135,7 @@ impl Session {
             forged_packets: self.tracer.forged_packets()?,
             route_lookups,
             duration_seconds: self.started.elapsed().as_secs_f64(),
+            traced_fraction: self.tracer.traced_fraction(),
         })
     }
 }
@@ -156,6 +165,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if options.drop_privileges {
         crate::privileges::drop_to_tracing_only()?;
     }
+    session.tracer.trace_in_windows(options.max_traced_rate)?;
     // Serving starts with a report, so the first scrape has data. The run
     // loop only ever publishes (never waits) to the HTTP side.
     let publisher = match exporter {
@@ -171,6 +181,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // The topology was just discovered: the first refresh is one interval away.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + options.interval, options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut regulator = tokio::time::interval(std::time::Duration::from_millis(50));
+    regulator.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     loop {
         tokio::select! {
@@ -195,6 +207,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     }
                 }
             }
+            _ = regulator.tick() => session.tracer.regulate()?,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
@@ -202,6 +215,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     // Stop serving metrics: the server and its connections are dropped.
     drop(publisher);
+    session.tracer.finish()?;
     session.drain_events();
     session.refresh_topology()?;
     let mut report = session.report()?;

@@ -157,6 +157,15 @@ fn write_families(report: &Report, encoder: &mut DescriptorEncoder) -> Result<()
         lost.metric_type(),
     )?)?;
 
+    let traced = ConstGauge::new(report.traced_fraction);
+    traced.encode(encoder.encode_descriptor(
+        "wgtrace_traced_ratio",
+        "Share of the run with the programs attached: below 1 when high load made wgtrace trace in windows, \
+         and packet counts are extrapolated from them.",
+        None,
+        traced.metric_type(),
+    )?)?;
+
     let tunnels = tunnels(report);
 
     let mut family = encoder.encode_descriptor(
@@ -294,6 +303,7 @@ mod tests {
             forged_packets: 0,
             route_lookups: Vec::new(),
             duration_seconds: 3.0,
+            traced_fraction: 1.0,
         })
     }
 
@@ -411,6 +421,7 @@ mod tests {
             forged_packets: 0,
             route_lookups: Vec::new(),
             duration_seconds: 0.0,
+            traced_fraction: 1.0,
         });
         for format in [Format::OpenMetrics, Format::Prometheus] {
             let text = encode(&empty, format);
@@ -427,6 +438,7 @@ mod tests {
             forged_packets: 0,
             route_lookups: Vec::new(),
             duration_seconds: 1.0,
+            traced_fraction: 1.0,
         });
         let text = encode(&report, Format::Prometheus);
         assert_eq!(sample(&text, r#"wgtrace_inner_rtt_seconds_count{netns="wgtlab-client",interface="wg9"}"#), "0");
@@ -442,6 +454,7 @@ mod tests {
             forged_packets: 0,
             route_lookups: Vec::new(),
             duration_seconds: 1.0,
+            traced_fraction: 1.0,
         });
         let text = encode(&report, Format::OpenMetrics);
         assert!(

@@ -179,6 +179,7 @@ mod tests {
             forged_packets: 0,
             route_lookups: Vec::new(),
             duration_seconds: 0.0,
+            traced_fraction: 1.0,
         }
     }
 

@@ -5,20 +5,22 @@
 
 pub mod btf;
 pub mod offsets;
+pub mod sampling;
 
-use std::{collections::HashMap, io};
+use std::{collections::HashMap, io, time::Instant};
 
 use crate::topology::{Implementation, Topology};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, tp_btf::BtfTracePointLinkId},
 };
+use sampling::{Action, DutyCycle, FlowEstimates, Policy};
 use wgtrace_common::{
-    COUNTER_EVENTS_LOST, COUNTER_FORGED, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT,
-    EVENT_TRANSMIT, FlowKey, FlowStats, PacketEvent, PlaintextEvent, RouteEvent, RouteKey, RouteStats, TUNNEL_KERNEL,
-    TUNNEL_USERSPACE, TransmitEvent,
+    COUNTER_EVENTS_LOST, COUNTER_FORGED, COUNTER_HOOK_RUNS, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW,
+    EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT, FlowKey, FlowStats, PacketEvent, PlaintextEvent, RouteEvent,
+    RouteKey, RouteStats, TUNNEL_KERNEL, TUNNEL_USERSPACE, TransmitEvent,
 };
 
 /// A hook wgtrace wants, and what it is for when it is missing.
@@ -77,6 +79,10 @@ pub struct Tracer {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
     pub hooks: Vec<HookStatus>,
+    /// The active hooks' programs and their links while attached.
+    links: Vec<(&'static str, Option<BtfTracePointLinkId>)>,
+    duty: DutyCycle,
+    estimates: FlowEstimates,
 }
 
 impl Tracer {
@@ -104,6 +110,7 @@ impl Tracer {
             loader.override_global("KERNEL_OFFSETS", &kernel_offsets, true).load(object).map_err(explain_load_error)?;
 
         let mut hooks = Vec::new();
+        let mut links = Vec::new();
         for (hook, available) in HOOKS.iter().zip(available) {
             let status = if !available {
                 Err(anyhow::anyhow!(
@@ -114,7 +121,10 @@ impl Tracer {
                 attach(&mut ebpf, hook, &aya_btf)
             };
             match status {
-                Ok(()) => hooks.push(HookStatus { name: hook.program, active: true, detail: hook.purpose.to_owned() }),
+                Ok(link) => {
+                    links.push((hook.program, Some(link)));
+                    hooks.push(HookStatus { name: hook.program, active: true, detail: hook.purpose.to_owned() })
+                }
                 Err(err) if hook.required => {
                     return Err(err.context(format!("attaching {}, needed for {}", hook.program, hook.purpose)));
                 }
@@ -125,7 +135,100 @@ impl Tracer {
             }
         }
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
-        Ok(Self { ebpf, events, hooks })
+        // Continuous until told otherwise (`trace_in_windows`).
+        let duty = DutyCycle::new(Policy::new(0), Instant::now(), 0);
+        Ok(Self { ebpf, events, hooks, links, duty, estimates: FlowEstimates::default() })
+    }
+
+    /// Lets tracing go to windows above `max_runs_per_second` program runs
+    /// (see [`sampling`]). Detaching is only safe if attaching again works,
+    /// which dropped privileges could prevent: that is tried first, and
+    /// without it tracing stays continuous.
+    pub fn trace_in_windows(&mut self, max_runs_per_second: u64) -> Result<()> {
+        if max_runs_per_second > 0 {
+            let (name, _) = *self.links.first().context("no program is attached")?;
+            let program = self.program(name)?;
+            let trial = program.attach().and_then(|link| program.detach(link));
+            if let Err(err) = trial {
+                log::warn!("tracing continuously: attaching {name} again failed ({err}), so it is never detached");
+                return Ok(());
+            }
+        }
+        self.duty = DutyCycle::new(Policy::new(max_runs_per_second), Instant::now(), self.counter(COUNTER_HOOK_RUNS)?);
+        Ok(())
+    }
+
+    /// Trace continuously for a while from now: the tunnels changed.
+    pub fn hold_continuous(&mut self) {
+        self.duty.hold_full(Instant::now());
+    }
+
+    /// Share of the time so far with the programs attached (1 when tracing
+    /// never went to windows).
+    pub fn traced_fraction(&self) -> f64 {
+        self.duty.traced_fraction(Instant::now())
+    }
+
+    /// Opens and closes tracing windows as the load asks; called every few
+    /// tens of milliseconds.
+    pub fn regulate(&mut self) -> Result<()> {
+        let runs = self.counter(COUNTER_HOOK_RUNS)?;
+        match self.duty.step(Instant::now(), runs) {
+            Action::Keep => {}
+            Action::Fold { span, gap_before, detach_for, runs_per_second } => {
+                let raw = self.raw_flows()?;
+                self.estimates.fold(&raw, span, gap_before);
+                if let Some(gap) = detach_for {
+                    log::debug!("programs ran {runs_per_second:.0} times/s: detached for {} ms", gap.as_millis());
+                    self.detach_all()?;
+                }
+            }
+            Action::Attach => self.attach_all()?,
+        }
+        Ok(())
+    }
+
+    /// Tracing ends: folds the last span, so the final counts are complete,
+    /// and detaches. Ending in a gap, a last short window measures the rate
+    /// at the end, rather than assuming the last window's rate held.
+    pub fn finish(&mut self) -> Result<()> {
+        if !self.duty.attached() {
+            self.duty.hold_full(Instant::now());
+            if self.duty.step(Instant::now(), 0) == Action::Attach {
+                self.attach_all()?;
+                std::thread::sleep(std::time::Duration::from_millis(150));
+            }
+        }
+        let (span, gap_before) = self.duty.finish(Instant::now());
+        self.detach_all()?;
+        let raw = self.raw_flows()?;
+        self.estimates.fold(&raw, span, gap_before);
+        Ok(())
+    }
+
+    fn attach_all(&mut self) -> Result<()> {
+        for index in 0..self.links.len() {
+            let name = self.links[index].0;
+            if self.links[index].1.is_none() {
+                let link = self.program(name)?.attach().with_context(|| format!("attaching {name} again"))?;
+                self.links[index].1 = Some(link);
+            }
+        }
+        Ok(())
+    }
+
+    fn detach_all(&mut self) -> Result<()> {
+        for index in 0..self.links.len() {
+            let name = self.links[index].0;
+            if let Some(link) = self.links[index].1.take() {
+                self.program(name)?.detach(link).with_context(|| format!("detaching {name}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn program(&mut self, name: &str) -> Result<&mut BtfTracePoint> {
+        Ok(self.ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?.try_into()?)
     }
 
     /// Drains the ring buffer.
@@ -144,8 +247,15 @@ impl Tracer {
         self.events.as_raw_fd()
     }
 
-    /// Per-flow counters, summed over CPUs.
+    /// Per-flow counters: exact while tracing continuously, otherwise
+    /// extrapolated from the windows (see [`sampling`]).
     pub fn flows(&self) -> Result<HashMap<FlowKey, FlowStats>> {
+        let raw = self.raw_flows()?;
+        Ok(self.estimates.flows(&raw, !self.duty.windowed()))
+    }
+
+    /// Per-flow counters as the kernel holds them, summed over CPUs.
+    fn raw_flows(&self) -> Result<HashMap<FlowKey, FlowStats>> {
         let map: PerCpuHashMap<_, FlowKey, FlowStats> =
             PerCpuHashMap::try_from(self.ebpf.map("FLOWS").context("FLOWS map missing")?)?;
         let mut out = HashMap::new();
@@ -242,7 +352,7 @@ impl Tracer {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: &aya::Btf) -> Result<()> {
+fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: &aya::Btf) -> Result<BtfTracePointLinkId> {
     let program: &mut BtfTracePoint = ebpf
         .program_mut(hook.program)
         .with_context(|| format!("program {} missing from the object", hook.program))?
@@ -251,8 +361,7 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook, btf: &aya::Btf) -> Result<()> {
         .load(hook.tracepoint, btf)
         .map_err(|e| anyhow::anyhow!(e))
         .context("the verifier or kernel refused the program")?;
-    program.attach().context("attaching")?;
-    Ok(())
+    program.attach().context("attaching")
 }
 
 /// Decodes one ring-buffer record; anything malformed is None.

@@ -160,6 +160,27 @@ impl Topology {
         Ok(topology)
     }
 
+    /// Changes when a tunnel, peer, endpoint, mark or policy rule does
+    /// (not with handshakes): when transport may take a new path.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for tunnel in &self.tunnels {
+            (tunnel.netns, tunnel.ifindex, &tunnel.interface).hash(&mut hasher);
+            if let Some(device) = &tunnel.device {
+                (device.listen_port, device.fwmark).hash(&mut hasher);
+                for peer in &device.peers {
+                    (&peer.public_key, peer.endpoint, &peer.allowed_ips).hash(&mut hasher);
+                }
+            }
+        }
+        for (inode, namespace) in &self.namespaces {
+            inode.hash(&mut hasher);
+            format!("{:?}{:?}", namespace.rules_v4, namespace.rules_v6).hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+
     pub fn tunnel_on_ifindex(&self, netns: u64, ifindex: u32) -> Option<&Tunnel> {
         self.tunnels.iter().find(|t| t.netns == netns && t.ifindex == ifindex)
     }
