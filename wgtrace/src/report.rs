@@ -105,6 +105,14 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
         out.push('\n');
     }
     let _ = writeln!(out, "events lost: {}", report.events_lost);
+    if report.traced_fraction < 1.0 {
+        let _ = writeln!(
+            out,
+            "traced {:.0}% of the time: the load was above --max-traced-rate, so wgtrace traced in windows; \
+             packet counts are extrapolated from them",
+            report.traced_fraction * 100.0
+        );
+    }
     if report.forged_packets > 0 {
         let _ = writeln!(
             out,
