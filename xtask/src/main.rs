@@ -64,7 +64,7 @@ enum Task {
         #[arg(long)]
         smoke: bool,
         /// Rounds, each alternating untraced, wgtrace and the bpftrace baseline.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: u32,
         /// Where to write the table (default BENCHMARKS.md at the repository root).
         #[arg(long)]
