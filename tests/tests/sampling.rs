@@ -63,6 +63,7 @@ fn below_the_limit_tracing_is_continuous_and_exact() {
     assert_eq!(report["traced_fraction"], 1.0, "a few pings stay far below the default limit");
     let wg1 = client_peer(&report, "wg1");
     let packets = wg1["transport"]["packets"].as_u64().unwrap();
-    // Traffic::ping sends every 100 ms or faster, so at least ~40 in 5 s.
-    assert!(packets >= 40, "every echo counted: {packets}");
+    // Traffic::ping sends every 100 ms: ~45 while tracing, never more than
+    // it sent in its whole life (an estimate could be).
+    assert!((40..=65).contains(&packets), "every echo counted once: {packets}");
 }

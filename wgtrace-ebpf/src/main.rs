@@ -490,13 +490,9 @@ fn follow_transmit(skb: *const u8, flow: &FlowKey, payload_length: u32, ip_lengt
         Some(origin) if now.wrapping_sub(unsafe { (*origin).entered_ns }) < MAX_TRANSMIT_NS => {
             (unsafe { *origin }, TRANSMIT_BY_SKB)
         }
-        // A prediction whose packet never came (dropped, or sent while the
-        // programs were detached) must not match a later packet.
         _ => match TRANSMIT_PENDING.get_ptr(&by_length) {
-            Some(origin) if now.wrapping_sub(unsafe { (*origin).entered_ns }) < MAX_TRANSMIT_NS => {
-                (unsafe { *origin }, TRANSMIT_BY_LENGTH)
-            }
-            _ => return,
+            Some(origin) => (unsafe { *origin }, TRANSMIT_BY_LENGTH),
+            None => return,
         },
     };
     // Either way, the length prediction is used up.

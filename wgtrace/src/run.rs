@@ -183,6 +183,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut regulator = tokio::time::interval(std::time::Duration::from_millis(50));
     regulator.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut regulation_failed = false;
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     loop {
         tokio::select! {
@@ -207,7 +208,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     }
                 }
             }
-            _ = regulator.tick() => session.tracer.regulate()?,
+            _ = regulator.tick() => {
+                // Tracing goes on either way (see Tracer::regulate): say so
+                // once, not twenty times a second.
+                if let Err(err) = session.tracer.regulate()
+                    && !std::mem::replace(&mut regulation_failed, true)
+                {
+                    log::warn!("tracing windows: {err:#}");
+                }
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
@@ -215,7 +224,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     // Stop serving metrics: the server and its connections are dropped.
     drop(publisher);
-    session.tracer.finish()?;
+    if let Err(err) = session.tracer.finish() {
+        log::warn!("ending the trace: {err:#}; the report follows regardless");
+    }
     session.drain_events();
     session.refresh_topology()?;
     let mut report = session.report()?;

@@ -20,7 +20,7 @@ use sampling::{Action, DutyCycle, FlowEstimates, Policy};
 use wgtrace_common::{
     COUNTER_EVENTS_LOST, COUNTER_FORGED, COUNTER_HOOK_RUNS, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW,
     EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT, FlowKey, FlowStats, PacketEvent, PlaintextEvent, RouteEvent,
-    RouteKey, RouteStats, TUNNEL_KERNEL, TUNNEL_USERSPACE, TransmitEvent,
+    RouteKey, RouteStats, TUNNEL_KERNEL, TUNNEL_USERSPACE, TransmitEvent, TransmitKey, TransmitOrigin,
 };
 
 /// A hook wgtrace wants, and what it is for when it is missing.
@@ -141,16 +141,20 @@ impl Tracer {
     }
 
     /// Lets tracing go to windows above `max_runs_per_second` program runs
-    /// (see [`sampling`]). Detaching is only safe if attaching again works,
-    /// which dropped privileges could prevent: that is tried first, and
-    /// without it tracing stays continuous.
+    /// (see [`sampling`]). Detaching is only safe if attaching again works
+    /// (dropped privileges, or a kernel refusing, could prevent it): the
+    /// first program is detached and attached again to find out, and
+    /// without that tracing stays continuous.
     pub fn trace_in_windows(&mut self, max_runs_per_second: u64) -> Result<()> {
         if max_runs_per_second > 0 {
-            let (name, _) = *self.links.first().context("no program is attached")?;
-            let program = self.program(name)?;
-            let trial = program.attach().and_then(|link| program.detach(link));
-            if let Err(err) = trial {
-                log::warn!("tracing continuously: attaching {name} again failed ({err}), so it is never detached");
+            let name = self.links.first().context("no program is attached")?.0;
+            if let Some(link) = self.links[0].1.take() {
+                self.program(name)?.detach(link).with_context(|| format!("detaching {name}"))?;
+            }
+            if let Err(err) = self.attach_all() {
+                // Once more: without this program there is no tracing at all.
+                self.attach_all().with_context(|| format!("attaching {name} again after a failed trial"))?;
+                log::warn!("tracing continuously: {err:#}; so programs are never detached");
                 return Ok(());
             }
         }
@@ -170,7 +174,8 @@ impl Tracer {
     }
 
     /// Opens and closes tracing windows as the load asks; called every few
-    /// tens of milliseconds.
+    /// tens of milliseconds. An error leaves tracing in a consistent state
+    /// (continuous, or detached until the next try).
     pub fn regulate(&mut self) -> Result<()> {
         let runs = self.counter(COUNTER_HOOK_RUNS)?;
         match self.duty.step(Instant::now(), runs) {
@@ -180,30 +185,64 @@ impl Tracer {
                 self.estimates.fold(&raw, span, gap_before);
                 if let Some(gap) = detach_for {
                     log::debug!("programs ran {runs_per_second:.0} times/s: detached for {} ms", gap.as_millis());
-                    self.detach_all()?;
+                    if let Err(err) = self.detach_all() {
+                        self.duty.give_up_windows();
+                        self.duty.hold_full(Instant::now());
+                        self.attach_all()?;
+                        return Err(err.context("tracing continuously from now on"));
+                    }
                 }
             }
-            Action::Attach => self.attach_all()?,
+            Action::Attach => {
+                self.forget_transmit_predictions();
+                if let Err(err) = self.attach_all() {
+                    let _ = self.detach_all();
+                    self.duty.attach_failed(Instant::now());
+                    return Err(err.context("will try again"));
+                }
+            }
         }
         Ok(())
     }
 
     /// Tracing ends: folds the last span, so the final counts are complete,
-    /// and detaches. Ending in a gap, a last short window measures the rate
-    /// at the end, rather than assuming the last window's rate held.
+    /// and detaches. A gap's estimate needs the rate on both sides: ending
+    /// in a gap (or early in a window), a last window of at least 150 ms
+    /// measures the rate at the end rather than assuming the last one held.
     pub fn finish(&mut self) -> Result<()> {
+        const LAST_WINDOW: std::time::Duration = std::time::Duration::from_millis(150);
         if !self.duty.attached() {
             self.duty.hold_full(Instant::now());
             if self.duty.step(Instant::now(), 0) == Action::Attach {
-                self.attach_all()?;
-                std::thread::sleep(std::time::Duration::from_millis(150));
+                self.forget_transmit_predictions();
+                if let Err(err) = self.attach_all() {
+                    log::warn!("no last window: {err:#}");
+                    self.duty.attach_failed(Instant::now());
+                }
             }
         }
+        if let Some(open) = self.duty.open_window(Instant::now()) {
+            std::thread::sleep(LAST_WINDOW.saturating_sub(open));
+        }
         let (span, gap_before) = self.duty.finish(Instant::now());
-        self.detach_all()?;
+        let detached = self.detach_all();
         let raw = self.raw_flows()?;
         self.estimates.fold(&raw, span, gap_before);
-        Ok(())
+        detached
+    }
+
+    /// Transmit-latency predictions made before a gap would match unrelated
+    /// packets after it: dropped while the programs are detached.
+    fn forget_transmit_predictions(&mut self) {
+        fn clear<K: aya::Pod>(map: Option<&mut aya::maps::Map>) {
+            let Some(Ok(mut map)) = map.map(aya::maps::HashMap::<_, K, TransmitOrigin>::try_from) else { return };
+            let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = map.remove(&key);
+            }
+        }
+        clear::<TransmitKey>(self.ebpf.map_mut("TRANSMIT_PENDING"));
+        clear::<u64>(self.ebpf.map_mut("SKB_SAMPLES"));
     }
 
     fn attach_all(&mut self) -> Result<()> {
@@ -218,13 +257,17 @@ impl Tracer {
     }
 
     fn detach_all(&mut self) -> Result<()> {
+        let mut result = Ok(());
         for index in 0..self.links.len() {
             let name = self.links[index].0;
             if let Some(link) = self.links[index].1.take() {
-                self.program(name)?.detach(link).with_context(|| format!("detaching {name}"))?;
+                let detached = self.program(name).and_then(|p| p.detach(link).map_err(Into::into));
+                if let Err(err) = detached {
+                    result = Err(err.context(format!("detaching {name}")));
+                }
             }
         }
-        Ok(())
+        result
     }
 
     fn program(&mut self, name: &str) -> Result<&mut BtfTracePoint> {

@@ -67,16 +67,20 @@ pub enum Action {
 pub struct DutyCycle {
     policy: Policy,
     attached: bool,
-    /// Since the last fold while attached; since detaching otherwise.
+    /// Since the last decision while attached; since detaching otherwise.
     span_started: Instant,
     span_runs: u64,
-    /// The gap before the current span (zero unless it follows a detach).
+    /// Since the counts were last folded (while attached).
+    fold_started: Instant,
+    /// The gap before the current window, until its counts are folded.
     gap_before: Duration,
     reattach_at: Instant,
     full_until: Instant,
     /// True from a detach until the load is found below the limit again.
     windowed: bool,
     started: Instant,
+    /// When tracing ended: the share traced stops there.
+    ended: Option<Instant>,
     traced_before_span: Duration,
 }
 
@@ -89,10 +93,12 @@ impl DutyCycle {
             attached: true,
             span_started: now,
             span_runs: runs,
+            fold_started: now,
             gap_before: Duration::ZERO,
             reattach_at: now,
             windowed: false,
             started: now,
+            ended: None,
             traced_before_span: Duration::ZERO,
         }
     }
@@ -115,16 +121,43 @@ impl DutyCycle {
         self.attached
     }
 
-    /// Tracing ends: the span so far is the last one to fold (a span of zero
-    /// when detached: only the gap since the last window remains).
+    /// How long the open window has lasted, when its counts will be used to
+    /// estimate the gap before it (None otherwise).
+    pub fn open_window(&self, now: Instant) -> Option<Duration> {
+        (self.attached && !self.gap_before.is_zero()).then(|| now.saturating_duration_since(self.span_started))
+    }
+
+    /// Attaching again failed: stay detached and try again a window later.
+    pub fn attach_failed(&mut self, now: Instant) {
+        self.attached = false;
+        self.span_started = now.checked_sub(self.gap_before).unwrap_or(now);
+        self.gap_before = Duration::ZERO;
+        self.reattach_at = now + self.policy.window;
+    }
+
+    /// Windows cannot work (detaching failed): trace continuously from now on.
+    pub fn give_up_windows(&mut self) {
+        self.policy.max_runs_per_second = 0;
+    }
+
+    /// Tracing ends and the programs are detached: returns the span and gap
+    /// to fold last (a span of zero when already detached: only the gap
+    /// since the last window remains).
     pub fn finish(&mut self, now: Instant) -> (Duration, Duration) {
         self.windowed = false;
-        let since = now.saturating_duration_since(self.span_started);
-        if self.attached { (since, self.gap_before) } else { (Duration::ZERO, since) }
+        self.ended = Some(now);
+        if !self.attached {
+            return (Duration::ZERO, now.saturating_duration_since(self.span_started));
+        }
+        self.attached = false;
+        self.traced_before_span += now.saturating_duration_since(self.span_started);
+        self.span_started = now;
+        (now.saturating_duration_since(self.fold_started), std::mem::take(&mut self.gap_before))
     }
 
     /// Share of the run so far with programs attached.
     pub fn traced_fraction(&self, now: Instant) -> f64 {
+        let now = self.ended.map_or(now, |ended| ended.min(now));
         let total = now.saturating_duration_since(self.started).as_secs_f64();
         let current = if self.attached { now.saturating_duration_since(self.span_started) } else { Duration::ZERO };
         if total <= 0.0 { 1.0 } else { ((self.traced_before_span + current).as_secs_f64() / total).min(1.0) }
@@ -140,6 +173,7 @@ impl DutyCycle {
             self.attached = true;
             self.gap_before = now.saturating_duration_since(self.span_started);
             self.span_started = now;
+            self.fold_started = now;
             self.span_runs = runs;
             return Action::Attach;
         }
@@ -148,21 +182,30 @@ impl DutyCycle {
             return Action::Keep;
         }
         let runs_per_second = runs.saturating_sub(self.span_runs) as f64 / span.as_secs_f64();
-        let gap_before = std::mem::take(&mut self.gap_before);
         self.traced_before_span += span;
         self.span_started = now;
         self.span_runs = runs;
         let limit = self.policy.max_runs_per_second as f64;
-        if self.policy.max_runs_per_second == 0 || now < self.full_until || runs_per_second <= limit {
+        let continuous = self.policy.max_runs_per_second == 0 || now < self.full_until || runs_per_second <= limit;
+        // Folding reads the whole flow map: only worth it when a gap's
+        // estimate is due or a detach may come soon (its rate is then
+        // measured since this fold).
+        let fold_due = !self.gap_before.is_zero() || (!continuous || runs_per_second > limit / 4.0) && limit > 0.0;
+        let detach_for = if continuous {
             self.windowed = false;
-            return Action::Fold { span, gap_before, detach_for: None, runs_per_second };
+            None
+        } else {
+            let cycle = span.mul_f64(runs_per_second / limit).min(self.policy.max_cycle).max(span);
+            self.attached = false;
+            self.windowed = true;
+            self.reattach_at = now + (cycle - span);
+            Some(cycle - span)
+        };
+        if !fold_due {
+            return Action::Keep;
         }
-        let cycle = span.mul_f64(runs_per_second / limit).min(self.policy.max_cycle).max(span);
-        let gap = cycle - span;
-        self.attached = false;
-        self.windowed = true;
-        self.reattach_at = now + gap;
-        Action::Fold { span, gap_before, detach_for: Some(gap), runs_per_second }
+        let fold_span = now.saturating_duration_since(std::mem::replace(&mut self.fold_started, now));
+        Action::Fold { span: fold_span, gap_before: std::mem::take(&mut self.gap_before), detach_for, runs_per_second }
     }
 }
 
@@ -346,6 +389,87 @@ mod tests {
         assert!(actions.is_empty(), "held attached while settling: {actions:?}");
     }
 
+    /// Every action but Keep, stepping every 50 ms at `rate` while attached.
+    fn all_actions(cycle: &mut DutyCycle, start: Instant, from_ms: u64, to_ms: u64, rate: u64) -> Vec<Action> {
+        let mut runs = 0;
+        let mut actions = Vec::new();
+        for t in (from_ms..to_ms).step_by(50).skip(1) {
+            if cycle.attached() {
+                runs += rate * 50 / 1000;
+            }
+            match cycle.step(start + ms(t), runs) {
+                Action::Keep => {}
+                action => actions.push(action),
+            }
+        }
+        actions
+    }
+
+    #[test]
+    fn a_light_load_never_reads_the_flow_map() {
+        let start = Instant::now();
+        let mut cycle = DutyCycle::new(policy(), start, 0);
+        assert_eq!(all_actions(&mut cycle, start, 0, 10_000, 2_000), vec![]);
+        // Near the limit, folds keep the rate measured over one span.
+        let actions = all_actions(&mut cycle, start, 10_000, 11_000, 5_000);
+        assert!(matches!(actions[0], Action::Fold { detach_for: None, .. }), "{actions:?}");
+    }
+
+    #[test]
+    fn a_change_during_a_window_folds_its_gap_and_goes_continuous() {
+        let start = Instant::now();
+        let mut cycle = DutyCycle::new(policy(), start, 0);
+        let mut runs = 0;
+        let actions = simulate(&mut cycle, start, 0, 5300, 100_000, &mut runs);
+        let (attached_at, _) = actions.iter().find(|(_, a)| *a == Action::Attach).unwrap();
+        let attached_at = *attached_at;
+        assert!(cycle.attached() && cycle.windowed());
+        cycle.hold_full(start + ms(attached_at + 50));
+        let action = cycle.step(start + ms(attached_at + 300), runs);
+        let Action::Fold { gap_before, detach_for: None, .. } = action else { panic!("{action:?}") };
+        assert_eq!(gap_before, ms(2250));
+        assert!(!cycle.windowed(), "counts are exact again");
+    }
+
+    #[test]
+    fn finishing_returns_what_is_left_to_fold_and_stops_the_clock() {
+        let start = Instant::now();
+        let mut cycle = DutyCycle::new(policy(), start, 0);
+        let mut runs = 0;
+        simulate(&mut cycle, start, 0, 3100, 100_000, &mut runs);
+        assert!(!cycle.attached(), "detached at 3000 ms");
+        // Ending in the gap: nothing observed, 1 s of gap to estimate.
+        let mut ended_in_gap = DutyCycle { started: cycle.started, ..DutyCycle::new(policy(), start, 0) };
+        ended_in_gap.attached = false;
+        ended_in_gap.span_started = start + ms(3000);
+        assert_eq!(ended_in_gap.finish(start + ms(4000)), (ms(0), ms(1000)));
+        // Ending 100 ms into the next window: that span and the gap before it.
+        let actions = simulate(&mut cycle, start, 3100, 5300, 100_000, &mut runs);
+        assert_eq!(actions, vec![(5250, Action::Attach)]);
+        assert_eq!(cycle.open_window(start + ms(5350)), Some(ms(100)));
+        assert_eq!(cycle.finish(start + ms(5350)), (ms(100), ms(2250)));
+        let fraction = cycle.traced_fraction(start + ms(5350));
+        assert_eq!(cycle.traced_fraction(start + ms(60_000)), fraction, "the share stops at the end");
+        let mut quiet = DutyCycle::new(policy(), start, 0);
+        quiet.finish(start + ms(2000));
+        assert_eq!(quiet.traced_fraction(start + ms(9000)), 1.0, "continuous to the end is all of it");
+    }
+
+    #[test]
+    fn a_failed_attach_retries_a_window_later_with_the_whole_gap() {
+        let start = Instant::now();
+        let mut cycle = DutyCycle::new(policy(), start, 0);
+        let mut runs = 0;
+        simulate(&mut cycle, start, 0, 5250, 100_000, &mut runs);
+        assert!(cycle.attached());
+        cycle.attach_failed(start + ms(5250));
+        assert!(!cycle.attached());
+        assert_eq!(cycle.step(start + ms(5400), runs), Action::Keep);
+        assert_eq!(cycle.step(start + ms(5500), runs), Action::Attach);
+        assert_eq!(cycle.open_window(start + ms(5500)), Some(ms(0)));
+        assert_eq!(cycle.gap_before, ms(2500), "the gap runs from the detach to the attach that worked");
+    }
+
     #[test]
     fn zero_means_always_continuous() {
         let start = Instant::now();
@@ -391,12 +515,12 @@ mod tests {
         assert_eq!(estimates.flows(&raw, false)[&key(1)].packets, 10);
         assert!(!estimates.flows(&raw, false).contains_key(&key(2)));
         estimates.fold(&raw, ms(250), ms(0));
+        assert!(estimates.estimated.contains_key(&key(2)));
         // Flow 1 evicted and created anew with 3 packets; flow 2 gone.
         let raw = HashMap::from([(key(1), stats(3))]);
         estimates.fold(&raw, ms(250), ms(0));
-        let flows = estimates.flows(&raw, true);
-        assert_eq!(flows[&key(1)].packets, 18);
-        assert!(!flows.contains_key(&key(2)));
+        assert_eq!(estimates.flows(&raw, true)[&key(1)].packets, 18);
+        assert!(!estimates.estimated.contains_key(&key(2)), "bounded by the kernel's map");
     }
 
     #[test]

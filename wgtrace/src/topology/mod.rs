@@ -169,9 +169,19 @@ impl Topology {
             (tunnel.netns, tunnel.ifindex, &tunnel.interface).hash(&mut hasher);
             if let Some(device) = &tunnel.device {
                 (device.listen_port, device.fwmark).hash(&mut hasher);
-                for peer in &device.peers {
-                    (&peer.public_key, peer.endpoint, &peer.allowed_ips).hash(&mut hasher);
-                }
+                // wireguard-go lists peers (and their allowed IPs) in no
+                // stable order.
+                let mut peers: Vec<_> = device
+                    .peers
+                    .iter()
+                    .map(|peer| {
+                        let mut allowed_ips = peer.allowed_ips.clone();
+                        allowed_ips.sort();
+                        (&peer.public_key, peer.endpoint, allowed_ips)
+                    })
+                    .collect();
+                peers.sort();
+                peers.hash(&mut hasher);
             }
         }
         for (inode, namespace) in &self.namespaces {
@@ -287,6 +297,37 @@ pub fn prefix_contains(network: IpAddr, length: u8, address: IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_peers(peers: Vec<Peer>, fwmark: u32) -> Topology {
+        let tunnel = Tunnel {
+            netns: 1,
+            netns_label: "host".into(),
+            interface: "wg0".into(),
+            ifindex: 3,
+            implementation: Implementation::Userspace,
+            daemon_pid: None,
+            device: Some(Device { listen_port: 51820, fwmark, peers }),
+        };
+        Topology { tunnels: vec![tunnel], ..Topology::default() }
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_peer_order_and_handshakes_but_not_marks_or_endpoints() {
+        let peer = |key: &str, endpoint: &str, handshake: u64| Peer {
+            public_key: key.into(),
+            endpoint: Some(endpoint.parse().unwrap()),
+            allowed_ips: vec![("10.0.0.0".parse().unwrap(), 8), ("192.168.0.0".parse().unwrap(), 16)],
+            last_handshake_sec: handshake,
+        };
+        let (a, b) = (peer("A=", "192.0.2.1:51820", 1), peer("B=", "192.0.2.2:51820", 1));
+        let base = with_peers(vec![a.clone(), b.clone()], 0).fingerprint();
+        let mut reordered_ips = b.clone();
+        reordered_ips.allowed_ips.reverse();
+        assert_eq!(with_peers(vec![reordered_ips, a.clone()], 0).fingerprint(), base);
+        assert_eq!(with_peers(vec![peer("A=", "192.0.2.1:51820", 99), b.clone()], 0).fingerprint(), base);
+        assert_ne!(with_peers(vec![a.clone(), b.clone()], 51820).fingerprint(), base);
+        assert_ne!(with_peers(vec![peer("A=", "192.0.2.9:51820", 1), b], 0).fingerprint(), base);
+    }
 
     #[test]
     fn prefixes() {
