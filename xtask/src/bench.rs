@@ -2,21 +2,22 @@
 //! off, side by side with a bpftrace baseline, checked against the overhead
 //! budget and written to BENCHMARKS.md.
 //!
-//! One invocation alternates the conditions (untraced, wgtrace, bpftrace),
-//! round after round, so each ratio compares measurements taken seconds
-//! apart on the same, possibly shared and noisy, machine. Tables give the
-//! median over rounds with min–max. Per condition and round (a "block"):
+//! One invocation alternates the conditions (untraced, wgtrace, bpftrace)
+//! load by load, round after round, so each ratio compares measurements
+//! taken seconds apart on the same, possibly shared and noisy, machine.
+//! Tables give the median over rounds with min–max. Per round:
 //!
 //! * iperf3 TCP over wg0, over wg1 as the lab leaves it (nested in wg0) and
 //!   over wg1 fixed, then iperf3 UDP with 64-byte payloads at unlimited rate
-//!   over wg1; the tracer's utime+stime and VmHWM are read around that run;
-//! * for the tracers, a cost window with `kernel.bpf_stats_enabled=1` (TCP,
-//!   then small UDP over wg1) read through `bpftool prog show --json`. The
-//!   sysctl is on only there, so its two clock reads per program run do not
-//!   bias the throughput ratios;
-//! * wgtrace is started with ping already flowing over wg1, for the time to
-//!   its first verdict, and stopped with SIGTERM for the `--json` report's
-//!   `events_lost`.
+//!   over wg1, each under each condition back to back, the tracer started
+//!   afresh (and wgtrace given time to settle into its steady state); the
+//!   tracer's utime+stime and VmHWM are read around the UDP run, and
+//!   wgtrace's `--json` report after it gives `events_lost`;
+//! * per tracer, a run started with ping already flowing over wg1, for the
+//!   time to wgtrace's first verdict, then a cost window with
+//!   `kernel.bpf_stats_enabled=1` (TCP, then small UDP over wg1) read
+//!   through `bpftool prog show --json`. The sysctl is on only there, so its
+//!   two clock reads per program run do not bias the throughput ratios.
 //!
 //! Then, once: wgtrace with 0, 1, 10, 100 extra wireguard-go tunnels in the
 //! client namespace, and with 1k vs 50k distinct WireGuard-shaped UDP flows.
@@ -223,15 +224,10 @@ pub fn main(options: &Options) -> Result<()> {
 
     let mut blocks: Vec<(u32, Condition, Block)> = Vec::new();
     for round in 1..=plan.rounds {
-        // Each round starts with a different condition, so a drift within
-        // rounds (the machine's other work) does not always favour one.
-        let order = (0..CONDITIONS.len()).map(|i| CONDITIONS[(i + round as usize - 1) % CONDITIONS.len()]);
-        for condition in order {
-            check_interrupted()?;
-            eprintln!("bench: round {round}/{}: {}", plan.rounds, condition.label());
-            let block = measure_block(&plan, condition, &wgtrace, &stats)
-                .with_context(|| format!("round {round}, {}", condition.label()))?;
-            eprintln!("bench:   {block:?}");
+        eprintln!("bench: round {round}/{}", plan.rounds);
+        let measured = measure_round(&plan, round, &wgtrace, &stats).with_context(|| format!("round {round}"))?;
+        for (condition, block) in measured {
+            eprintln!("bench:   {}: {block:?}", condition.label());
             blocks.push((round, condition, block));
         }
     }
@@ -270,55 +266,124 @@ fn workspace_root() -> PathBuf {
 }
 
 // ---------------------------------------------------------------------------
-// One condition in one round
+// One round
 
-fn measure_block(plan: &Plan, condition: Condition, wgtrace: &Path, stats: &BpfStats) -> Result<Block> {
-    let mut block = Block::default();
-    let tracer = match condition {
-        Condition::Untraced => None,
-        _ => {
-            // Traffic already flowing over wg1 when the tracer starts, so the
-            // first verdict measures wgtrace, not the wait for a packet.
-            let ping =
-                Background::spawn("ip", &["netns", "exec", lab::CLIENT, "ping", "-q", "-i", "0.01", lab::WG1_REMOTE])?;
-            std::thread::sleep(Duration::from_millis(300));
-            let mut tracer = Tracer::start(condition, wgtrace)?;
-            tracer.wait_ready(Duration::from_secs(60))?;
-            if condition == Condition::Wgtrace {
-                block.first_verdict_ms = Some(tracer.first_verdict_ms(Duration::from_secs(10))?);
+/// What one throughput measurement runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    Tcp(usize),
+    SmallUdp,
+}
+
+/// One round: each load under each condition back to back (a tracer started
+/// afresh for each, settled), so a ratio compares runs seconds apart; then,
+/// per tracer, the time to its first verdict and the in-kernel cost window.
+fn measure_round(plan: &Plan, round: u32, wgtrace: &Path, stats: &BpfStats) -> Result<Vec<(Condition, Block)>> {
+    // Each round starts with a different condition, so a drift within
+    // rounds (the machine's other work) does not always favour one.
+    let order: Vec<Condition> =
+        (0..CONDITIONS.len()).map(|i| CONDITIONS[(i + round as usize - 1) % CONDITIONS.len()]).collect();
+    let mut blocks: BTreeMap<usize, Block> = BTreeMap::new();
+    let loads = [Load::Tcp(0), Load::Tcp(1), Load::Tcp(2), Load::SmallUdp];
+    for load in loads {
+        // wg1 fixed: fixed before any tracer starts, so no tracer sees the
+        // change (wgtrace would trace it continuously for its first seconds).
+        if load == Load::Tcp(2) {
+            lab::fix()?;
+        }
+        let measured = (|| -> Result<()> {
+            for &condition in &order {
+                check_interrupted()?;
+                let block = blocks.entry(index_of(condition)).or_default();
+                measure_load(plan, condition, load, wgtrace, block)
+                    .with_context(|| format!("{} under {}", load.label(), condition.label()))?;
             }
-            drop(ping);
-            Some(tracer)
+            Ok(())
+        })();
+        if load == Load::Tcp(2) {
+            lab::unfix()?;
         }
-    };
-    let settle = || {
-        if !plan.smoke {
-            std::thread::sleep(SETTLE)
-        }
-    };
-    settle();
-    let pause = || std::thread::sleep(Duration::from_millis(300));
-    block.tcp_mbps[0] = tcp(TCP_TESTS[0].1, plan.seconds, plan.omit)?;
-    pause();
-    block.tcp_mbps[1] = tcp(TCP_TESTS[1].1, plan.seconds, plan.omit)?;
-    lab::fix()?;
-    settle();
-    let fixed = tcp(TCP_TESTS[2].1, plan.seconds, plan.omit);
-    lab::unfix()?;
-    block.tcp_mbps[2] = fixed?;
-    settle();
-    // The maximum rate, with the tracer's userspace CPU around it.
-    let before = tracer.as_ref().map(|t| cpu_ticks(t.pid())).transpose()?;
-    let wall = Instant::now();
-    block.udp_pps = udp_small(lab::WG1_REMOTE, plan.seconds, plan.omit)?;
-    if let (Some(tracer), Some(before)) = (&tracer, before) {
-        let used = cpu_ticks(tracer.pid())?.saturating_sub(before);
-        block.cpu_percent = Some(ticks_to_percent(used, wall.elapsed()));
-        block.rss_peak_kb = Some(status_kb(tracer.pid(), "VmHWM")?);
+        measured?;
     }
-    let Some(tracer) = tracer else { return Ok(block) };
-    pause();
-    // The cost window: in-kernel accounting on, mixed load over wg1.
+    for &condition in order.iter().filter(|c| **c != Condition::Untraced) {
+        let block = blocks.entry(index_of(condition)).or_default();
+        measure_costs(plan, condition, wgtrace, stats, block)
+            .with_context(|| format!("cost window of {}", condition.label()))?;
+    }
+    Ok(order.iter().map(|&c| (c, blocks.remove(&index_of(c)).unwrap_or_default())).collect())
+}
+
+fn index_of(condition: Condition) -> usize {
+    CONDITIONS.iter().position(|c| *c == condition).expect("a known condition")
+}
+
+impl Load {
+    fn label(self) -> &'static str {
+        match self {
+            Load::Tcp(i) => TCP_TESTS[i].0,
+            Load::SmallUdp => "small UDP packets",
+        }
+    }
+}
+
+/// Starts the condition's tracer and waits until wgtrace is in its steady
+/// state (past the continuous tracing that follows its start).
+fn start_settled(plan: &Plan, condition: Condition, wgtrace: &Path) -> Result<Option<Tracer>> {
+    if condition == Condition::Untraced {
+        return Ok(None);
+    }
+    let mut tracer = Tracer::start(condition, wgtrace)?;
+    tracer.wait_ready(Duration::from_secs(60))?;
+    if condition == Condition::Wgtrace && !plan.smoke {
+        std::thread::sleep(SETTLE);
+    }
+    Ok(Some(tracer))
+}
+
+fn measure_load(plan: &Plan, condition: Condition, load: Load, wgtrace: &Path, block: &mut Block) -> Result<()> {
+    let tracer = start_settled(plan, condition, wgtrace)?;
+    match load {
+        Load::Tcp(i) => block.tcp_mbps[i] = tcp(TCP_TESTS[i].1, plan.seconds, plan.omit)?,
+        Load::SmallUdp => {
+            // The maximum rate, with the tracer's userspace CPU around it.
+            let before = tracer.as_ref().map(|t| cpu_ticks(t.pid())).transpose()?;
+            let wall = Instant::now();
+            block.udp_pps = udp_small(lab::WG1_REMOTE, plan.seconds, plan.omit)?;
+            if let (Some(tracer), Some(before)) = (&tracer, before) {
+                let used = cpu_ticks(tracer.pid())?.saturating_sub(before);
+                block.cpu_percent = Some(ticks_to_percent(used, wall.elapsed()));
+                block.rss_peak_kb = Some(status_kb(tracer.pid(), "VmHWM")?);
+            }
+        }
+    }
+    let Some(tracer) = tracer else { return Ok(()) };
+    let report = tracer.stop()?;
+    if condition == Condition::Wgtrace && load == Load::SmallUdp {
+        let report: Value =
+            serde_json::from_str(&report).context("wgtrace --json printed something that is not JSON")?;
+        block.events_lost = Some(report["events_lost"].as_u64().context("no events_lost in wgtrace's report")?);
+        block.traced_fraction = report["traced_fraction"].as_f64();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(())
+}
+
+/// The time to the first verdict (wgtrace), then a cost window with the
+/// kernel's accounting on under mixed load over wg1.
+fn measure_costs(plan: &Plan, condition: Condition, wgtrace: &Path, stats: &BpfStats, block: &mut Block) -> Result<()> {
+    // Traffic already flowing over wg1 when the tracer starts, so the first
+    // verdict measures wgtrace, not the wait for a packet.
+    let ping = Background::spawn("ip", &["netns", "exec", lab::CLIENT, "ping", "-q", "-i", "0.01", lab::WG1_REMOTE])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let mut tracer = Tracer::start(condition, wgtrace)?;
+    tracer.wait_ready(Duration::from_secs(60))?;
+    if condition == Condition::Wgtrace {
+        block.first_verdict_ms = Some(tracer.first_verdict_ms(Duration::from_secs(10))?);
+        if !plan.smoke {
+            std::thread::sleep(SETTLE);
+        }
+    }
+    drop(ping);
     let ids = bpf_ids(tracer.pid(), "prog_id");
     anyhow::ensure!(!ids.is_empty(), "{} holds no BPF programs", condition.label());
     stats.set(true)?;
@@ -330,14 +395,8 @@ fn measure_block(plan: &Plan, condition: Condition, wgtrace: &Path, stats: &BpfS
     stats.set(false)?;
     load?;
     block.costs = costs(&ids, &before, &after?, window, condition);
-    let report = tracer.stop()?;
-    if condition == Condition::Wgtrace {
-        let report: Value =
-            serde_json::from_str(&report).context("wgtrace --json printed something that is not JSON")?;
-        block.events_lost = Some(report["events_lost"].as_u64().context("no events_lost in wgtrace's report")?);
-        block.traced_fraction = report["traced_fraction"].as_f64();
-    }
-    Ok(block)
+    tracer.stop()?;
+    Ok(())
 }
 
 /// Per-run cost of each of `ids` between two snapshots, labelled by program.
@@ -1235,7 +1294,7 @@ fn render(results: &Results) -> String {
     let _ = writeln!(w, "| Tools | {} |", host.tools);
     let _ = writeln!(
         w,
-        "| Rounds | {} (untraced, wgtrace, bpftrace baseline, alternating; each round starts with the next){} |",
+        "| Rounds | {} (each load untraced, under wgtrace and under the bpftrace baseline, back to back){} |",
         plan.rounds,
         if plan.smoke { "; smoke run, thresholds not checked" } else { "" }
     );
@@ -1506,9 +1565,9 @@ fn render(results: &Results) -> String {
         w,
         "* wgtrace runs with its defaults: above `--max-traced-rate` (40000 program runs/s) it traces in \
          windows, its programs detached between them (see docs/performance.md); the Traced column of the last \
-         table is the share of each block with programs attached. It traces continuously for 3 s after start and \
-         after each topology change, so every condition waits {:.1} s after the tracer starts and after the lab's \
-         fix and unfix before measuring: the numbers are the steady state.",
+         table is the share of the maximum-rate run with programs attached. It traces continuously for 3 s after \
+         start and after each topology change, so each measurement under wgtrace starts {:.1} s after wgtrace \
+         does, and wg1 is fixed (for wg1 fixed) before any tracer starts: the numbers are the steady state.",
         SETTLE.as_secs_f64()
     );
     let _ = writeln!(
@@ -1521,9 +1580,12 @@ fn render(results: &Results) -> String {
     );
     let _ = writeln!(
         w,
-        "* Each round runs the same block untraced, under `wgtrace run --json -v`, and under the baseline \
-         `bpftrace -e '{BASELINE_SCRIPT}'` (root namespace; it sees every namespace). A tracer is started before \
-         its block and stopped after it (wgtrace with SIGTERM, for its report)."
+        "* Each round runs every load (TCP over wg0, wg1 broken, wg1 fixed; small UDP) untraced, under \
+         `wgtrace run --json -v` and under the baseline `bpftrace -e '{BASELINE_SCRIPT}'` (root namespace; it sees \
+         every namespace) back to back, each round starting with the next condition, so the runs a ratio \
+         compares are seconds apart. The tracer is started afresh for each run and stopped after it (wgtrace with \
+         SIGTERM, for its report). Then each tracer runs once more for the time to its first verdict and the \
+         cost window."
     );
     let _ = writeln!(
         w,
