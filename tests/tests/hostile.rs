@@ -14,7 +14,7 @@ ENDPOINT = ("192.0.2.200", 51821)
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 def wg(t, n, reserved=b"\0\0\0"):
     return bytes([t]) + reserved + random.randbytes(max(n - 4, 0))
-malformed = [b"\x01\0\0", wg(1, 100), wg(1, 149), wg(2, 148), wg(3, 65), wg(4, 33), wg(4, 16),
+malformed = [b"\x01\0\0", wg(1, 100), wg(1, 149), wg(2, 148), wg(3, 65), wg(4, 31), wg(4, 16),
              wg(5, 64), wg(0xff, 148), wg(4, 64, b"\0\1\0"), wg(1, 148, b"\x80\0\0")]
 for _ in range(20):
     for m in malformed:

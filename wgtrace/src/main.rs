@@ -35,7 +35,8 @@ Examples:
   sudo wgtrace run --duration 5 --json  machine-readable report on stdout (logs on stderr)
   sudo wgtrace run --netns blue         only tunnels in `ip netns` namespace blue
   sudo wgtrace run --duration 10 --probe  also measure what a nested tunnel's fix would save
-  sudo wgtrace run --prometheus :9586   serve metrics on 127.0.0.1:9586 until SIGTERM (deploy/ has examples)")]
+  sudo wgtrace run --prometheus :9586   serve metrics on 127.0.0.1:9586 until SIGTERM (deploy/ has examples)
+  sudo wgtrace run --max-traced-rate 0  trace every packet, even where that costs throughput")]
     Run {
         /// Stop after this many seconds (default: run until Ctrl-C or SIGTERM).
         #[arg(long, value_name = "SECONDS")]

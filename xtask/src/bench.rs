@@ -1401,7 +1401,7 @@ fn render(results: &Results) -> String {
     );
     let _ = writeln!(
         w,
-        "| Events lost (wgtrace `--json` `events_lost`, whole block) | | {} | n/a |",
+        "| Events lost (wgtrace `--json` `events_lost`, the maximum-rate run) | | {} | n/a |",
         show(&tracer_values(Condition::Wgtrace, &|b| b.events_lost.map(|n| n as f64)), 1.0, 0)
     );
 
