@@ -303,7 +303,7 @@ mod tests {
             forged_packets: 0,
             route_lookups: Vec::new(),
             duration_seconds: 3.0,
-            traced_fraction: 1.0,
+            traced_fraction: 0.25,
         })
     }
 
@@ -354,6 +354,8 @@ mod tests {
             "0"
         );
         assert!(text.contains("# TYPE wgtrace_transport_packets counter\n"), "{text}");
+        assert!(text.contains("# TYPE wgtrace_traced_ratio gauge\n"), "{text}");
+        assert_eq!(sample(&text, "wgtrace_traced_ratio"), "0.25");
         // Both wg1 peers leave via wg0 unmarked: one series, summed.
         let wg1 = r#"{netns="wgtlab-client",interface="wg1",egress_interface="wg0",mark="0"}"#;
         assert_eq!(sample(&text, &format!("wgtrace_transport_packets_total{wg1}")), "35");
