@@ -228,7 +228,7 @@ fn write_families(report: &Report, encoder: &mut DescriptorEncoder) -> Result<()
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{
         correlation::{Nesting, PeerReport, TunnelReport},
@@ -285,6 +285,18 @@ mod tests {
             fwmark: Some(0),
             listen_port: Some(51821),
             peers,
+        }
+    }
+
+    /// A report of these tunnels and nothing else of note.
+    pub(crate) fn report_of(tunnels: Vec<TunnelReport>) -> Report {
+        Report {
+            tunnels,
+            events_lost: 0,
+            forged_packets: 0,
+            route_lookups: Vec::new(),
+            duration_seconds: 1.0,
+            traced_fraction: 1.0,
         }
     }
 
@@ -417,14 +429,7 @@ mod tests {
 
     #[test]
     fn vanished_tunnels_and_empty_reports() {
-        let empty = Arc::new(Report {
-            tunnels: Vec::new(),
-            events_lost: 0,
-            forged_packets: 0,
-            route_lookups: Vec::new(),
-            duration_seconds: 0.0,
-            traced_fraction: 1.0,
-        });
+        let empty = Arc::new(report_of(Vec::new()));
         for format in [Format::OpenMetrics, Format::Prometheus] {
             let text = encode(&empty, format);
             assert!(!text.contains("interface="), "no tunnel, no series: {text}");
@@ -434,14 +439,7 @@ mod tests {
         // A tunnel without latency samples still exposes empty histograms.
         let mut bare = tunnel("wg9", vec![peer(None, "eth0", 0, 1, &[])]);
         bare.peers[0].latency = None;
-        let report = Arc::new(Report {
-            tunnels: vec![bare],
-            events_lost: 0,
-            forged_packets: 0,
-            route_lookups: Vec::new(),
-            duration_seconds: 1.0,
-            traced_fraction: 1.0,
-        });
+        let report = Arc::new(report_of(vec![bare]));
         let text = encode(&report, Format::Prometheus);
         assert_eq!(sample(&text, r#"wgtrace_inner_rtt_seconds_count{netns="wgtlab-client",interface="wg9"}"#), "0");
     }
@@ -450,14 +448,7 @@ mod tests {
     fn label_values_are_escaped() {
         let mut odd = tunnel("wg\"x", vec![]);
         odd.netns = "a\\b".into();
-        let report = Arc::new(Report {
-            tunnels: vec![odd],
-            events_lost: 0,
-            forged_packets: 0,
-            route_lookups: Vec::new(),
-            duration_seconds: 1.0,
-            traced_fraction: 1.0,
-        });
+        let report = Arc::new(report_of(vec![odd]));
         let text = encode(&report, Format::OpenMetrics);
         assert!(
             text.contains(r#"wgtrace_tunnel_nested{netns="a\\b",interface="wg\"x",outer_interface=""} 0"#),

@@ -173,14 +173,7 @@ mod tests {
     }
 
     fn empty_report() -> Report {
-        Report {
-            tunnels: Vec::new(),
-            events_lost: 0,
-            forged_packets: 0,
-            route_lookups: Vec::new(),
-            duration_seconds: 0.0,
-            traced_fraction: 1.0,
-        }
+        metrics::tests::report_of(Vec::new())
     }
 
     /// Serves on a runtime of its own thread, as `run` does on its own.
