@@ -307,9 +307,9 @@ mod tests {
         }
     }
 
-    /// Steps every 50 ms with programs running at `rate` while attached;
-    /// returns the attaches and detaches.
-    fn simulate(
+    /// Steps every 50 ms from `from_ms` to `to_ms`, programs running at
+    /// `rate` while attached; returns every action but Keep, with its time.
+    fn drive(
         cycle: &mut DutyCycle,
         start: Instant,
         from_ms: u64,
@@ -324,12 +324,27 @@ mod tests {
             if cycle.attached() {
                 *runs += rate * 50 / 1000;
             }
-            let action = cycle.step(start + ms(t), *runs);
-            if action == Action::Attach || detaches(&action).is_some() {
-                actions.push((t, action));
+            match cycle.step(start + ms(t), *runs) {
+                Action::Keep => {}
+                action => actions.push((t, action)),
             }
         }
         actions
+    }
+
+    /// The attaches and detaches of [`drive`].
+    fn simulate(
+        cycle: &mut DutyCycle,
+        start: Instant,
+        from_ms: u64,
+        to_ms: u64,
+        rate: u64,
+        runs: &mut u64,
+    ) -> Vec<(u64, Action)> {
+        drive(cycle, start, from_ms, to_ms, rate, runs)
+            .into_iter()
+            .filter(|(_, action)| *action == Action::Attach || detaches(action).is_some())
+            .collect()
     }
 
     #[test]
@@ -389,30 +404,15 @@ mod tests {
         assert!(actions.is_empty(), "held attached while settling: {actions:?}");
     }
 
-    /// Every action but Keep, stepping every 50 ms at `rate` while attached.
-    fn all_actions(cycle: &mut DutyCycle, start: Instant, from_ms: u64, to_ms: u64, rate: u64) -> Vec<Action> {
-        let mut runs = 0;
-        let mut actions = Vec::new();
-        for t in (from_ms..to_ms).step_by(50).skip(1) {
-            if cycle.attached() {
-                runs += rate * 50 / 1000;
-            }
-            match cycle.step(start + ms(t), runs) {
-                Action::Keep => {}
-                action => actions.push(action),
-            }
-        }
-        actions
-    }
-
     #[test]
     fn a_light_load_never_reads_the_flow_map() {
         let start = Instant::now();
         let mut cycle = DutyCycle::new(policy(), start, 0);
-        assert_eq!(all_actions(&mut cycle, start, 0, 10_000, 2_000), vec![]);
+        let mut runs = 0;
+        assert_eq!(drive(&mut cycle, start, 0, 10_000, 2_000, &mut runs), vec![]);
         // Near the limit, folds keep the rate measured over one span.
-        let actions = all_actions(&mut cycle, start, 10_000, 11_000, 5_000);
-        assert!(matches!(actions[0], Action::Fold { detach_for: None, .. }), "{actions:?}");
+        let actions = drive(&mut cycle, start, 10_000, 11_000, 5_000, &mut runs);
+        assert!(matches!(actions[0].1, Action::Fold { detach_for: None, .. }), "{actions:?}");
     }
 
     #[test]
