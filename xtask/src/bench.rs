@@ -375,13 +375,10 @@ fn measure_costs(plan: &Plan, condition: Condition, wgtrace: &Path, stats: &BpfS
     // verdict measures wgtrace, not the wait for a packet.
     let ping = Background::spawn("ip", &["netns", "exec", lab::CLIENT, "ping", "-q", "-i", "0.01", lab::WG1_REMOTE])?;
     std::thread::sleep(Duration::from_millis(300));
-    let mut tracer = Tracer::start(condition, wgtrace)?;
-    tracer.wait_ready(Duration::from_secs(60))?;
+    // wgtrace logs its first verdict long before it has settled.
+    let mut tracer = start_settled(plan, condition, wgtrace)?.context("a traced condition has a tracer")?;
     if condition == Condition::Wgtrace {
         block.first_verdict_ms = Some(tracer.first_verdict_ms(Duration::from_secs(10))?);
-        if !plan.smoke {
-            std::thread::sleep(SETTLE);
-        }
     }
     drop(ping);
     let ids = bpf_ids(tracer.pid(), "prog_id");

@@ -212,13 +212,11 @@ impl Tracer {
     pub fn finish(&mut self) -> Result<()> {
         const LAST_WINDOW: std::time::Duration = std::time::Duration::from_millis(150);
         if !self.duty.attached() {
-            self.duty.hold_full(Instant::now());
-            if self.duty.step(Instant::now(), 0) == Action::Attach {
-                self.forget_transmit_predictions();
-                if let Err(err) = self.attach_all() {
-                    log::warn!("no last window: {err:#}");
-                    self.duty.attach_failed(Instant::now());
-                }
+            self.duty.attach_now(Instant::now(), 0);
+            self.forget_transmit_predictions();
+            if let Err(err) = self.attach_all() {
+                log::warn!("no last window: {err:#}");
+                self.duty.attach_failed(Instant::now());
             }
         }
         if let Some(open) = self.duty.open_window(Instant::now()) {

@@ -127,6 +127,15 @@ impl DutyCycle {
         (self.attached && !self.gap_before.is_zero()).then(|| now.saturating_duration_since(self.span_started))
     }
 
+    /// A window opens now (the caller attaches), whatever the schedule.
+    pub fn attach_now(&mut self, now: Instant, runs: u64) {
+        self.attached = true;
+        self.gap_before = now.saturating_duration_since(self.span_started);
+        self.span_started = now;
+        self.fold_started = now;
+        self.span_runs = runs;
+    }
+
     /// Attaching again failed: stay detached and try again a window later.
     pub fn attach_failed(&mut self, now: Instant) {
         self.attached = false;
@@ -170,11 +179,7 @@ impl DutyCycle {
             if now < self.reattach_at {
                 return Action::Keep;
             }
-            self.attached = true;
-            self.gap_before = now.saturating_duration_since(self.span_started);
-            self.span_started = now;
-            self.fold_started = now;
-            self.span_runs = runs;
+            self.attach_now(now, runs);
             return Action::Attach;
         }
         let span = now.saturating_duration_since(self.span_started);
