@@ -34,8 +34,9 @@ pub const COUNTER_READ_ERRORS: u32 = 1;
 /// WireGuard-shaped packets sent by something other than a UDP socket
 /// (raw or packet sockets): forged, never attributed to a tunnel.
 pub const COUNTER_FORGED: u32 = 2;
-/// Runs of any program: the load userspace sizes its tracing windows by.
-pub const COUNTER_HOOK_RUNS: u32 = 3;
+/// Known peers' packets dropped because the path map was full of other
+/// paths (it is LRU: this only counts updates that raced an eviction).
+pub const COUNTER_PATHS_FULL: u32 = 3;
 pub const COUNTER_SLOTS: u32 = 4;
 
 /// An offset the running kernel's BTF could not provide.
@@ -44,10 +45,18 @@ pub const SOCK_RAW: u16 = 3;
 pub const AF_PACKET: u16 = 17;
 pub const IPPROTO_RAW: u16 = 255;
 
-/// Capacity of the per-flow maps. LRU eviction keeps memory bounded; a flow
-/// evicted and seen again is simply reported as new again.
-pub const FLOW_MAP_ENTRIES: u32 = 16384;
-pub const ROUTE_MAP_ENTRIES: u32 = 16384;
+/// Known peers (tunnel socket and endpoint) the kernel side counts. Only
+/// userspace adds to this map, from the discovered topology.
+pub const PEER_MAP_ENTRIES: u32 = 4096;
+/// Paths (peer, device, mark, direction) and route decisions (peer, mark,
+/// table). Entries exist only for known peers, so these fill only with real
+/// paths; LRU eviction keeps even a pathological host bounded.
+pub const PATH_MAP_ENTRIES: u32 = 4096;
+pub const ROUTE_MAP_ENTRIES: u32 = 4096;
+/// The listen-port bitmap: one bit per UDP port, 64 per slot.
+pub const PORT_BITMAP_SLOTS: u32 = 1024;
+/// `net_device.type` of WireGuard and TUN devices (no link layer).
+pub const ARPHRD_NONE: u16 = 0xfffe;
 pub const RING_BUFFER_BYTES: u32 = 1 << 20;
 pub const TUNNEL_DEVICE_ENTRIES: u32 = 4096;
 pub const TRANSMIT_PENDING_ENTRIES: u32 = 1024;
@@ -96,6 +105,12 @@ pub struct KernelOffsets {
     pub skb_mark: u32,
     pub skb_dev: u32,
     pub skb_sk: u32,
+    pub skb_len: u32,
+    /// `sk_buff.end`: offset of `skb_shared_info` from `head` (64-bit kernels).
+    pub skb_end: u32,
+    /// `skb_shared_info.gso_size`; `gso_segs` follows it directly.
+    pub shinfo_gso_size: u32,
+    pub net_device_type: u32,
     /// `sock.sk_type`, `sock.sk_protocol` and `sock.__sk_common.skc_family`,
     /// or [`OFFSET_UNAVAILABLE`] on kernels where the first two are
     /// bit-fields (before 5.6): then the sending socket is not checked.
@@ -107,35 +122,48 @@ pub struct KernelOffsets {
     pub nsproxy_net: u32,
 }
 
-/// A transport flow as seen on one device, in one direction.
+/// A known peer as packets name it: the tunnel's socket (namespace and
+/// listen port) and the peer's endpoint. Written by userspace only.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    /// Inode number of the device's network namespace.
+pub struct PeerKey {
+    /// Inode number of the tunnel's network namespace.
     pub netns: u32,
-    pub ifindex: u32,
-    pub mark: u32,
     pub family: u16,
-    pub direction: u8,
-    pub _pad: u8,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
     /// Ports in host byte order.
-    pub sport: u16,
-    pub dport: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub remote: [u8; 16],
 }
 
-/// Per-CPU counters of one flow; userspace sums the CPUs.
+/// One path of one known peer's transport: where (device, direction) and
+/// with which mark. The peer is userspace's slot number from `PEERS`; the
+/// device is in the tunnel's own namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PathKey {
+    pub peer: u32,
+    pub ifindex: u32,
+    pub mark: u32,
+    pub direction: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Per-CPU counters of one path; userspace sums the CPUs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowStats {
+pub struct PathStats {
+    /// Wire packets: a GSO/GRO skb counts its segments.
     pub packets: u64,
+    /// UDP payload bytes (WireGuard messages), as WireGuard's own tx/rx
+    /// counters count them.
     pub bytes: u64,
     pub last_seen_ns: u64,
 }
 
-/// A WireGuard message seen on a device: sent for the first packet of a flow
-/// and for every handshake message.
+/// A known peer's WireGuard message seen on a device: sent for the first
+/// packet of a path and for every handshake message.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PacketEvent {
@@ -143,32 +171,25 @@ pub struct PacketEvent {
     pub message_type: u8,
     pub _pad: [u8; 3],
     pub timestamp_ns: u64,
-    pub key: FlowKey,
-    /// UDP payload length.
+    pub path: PathKey,
+    pub netns: u32,
+    /// UDP payload length (of the first segment's message for GSO).
     pub length: u32,
     /// Sender index (types 1 and 2), 0 otherwise.
     pub sender: u32,
     /// Receiver index (types 2, 3 and 4), 0 otherwise.
     pub receiver: u32,
     pub ifname: [u8; IFNAMSIZ],
-    pub _pad2: u32,
 }
 
-/// One routing-table lookup for a UDP flow.
+/// Routing-table lookups for a known peer's transport, by mark and table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RouteKey {
-    pub netns: u32,
+    pub peer: u32,
     pub mark: u32,
     pub table: u32,
-    pub oif: u32,
-    pub iif: u32,
-    pub family: u16,
-    pub _pad: u16,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    pub sport: u16,
-    pub dport: u16,
+    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -297,8 +318,9 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], made only of integers and byte
     // arrays, with explicit padding, so any bit pattern is valid.
     unsafe impl aya::Pod for KernelOffsets {}
-    unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for FlowStats {}
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for PathKey {}
+    unsafe impl aya::Pod for PathStats {}
     unsafe impl aya::Pod for RouteKey {}
     unsafe impl aya::Pod for RouteStats {}
     unsafe impl aya::Pod for DeviceKey {}

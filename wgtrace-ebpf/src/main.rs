@@ -1,20 +1,25 @@
 //! wgtrace's kernel side: four BTF tracepoints, all in vmlinux so they work
 //! for kernel WireGuard (usually a module) and userspace implementations alike.
 //!
-//! * `fib_table_lookup` / `fib6_table_lookup`: every routing-table lookup for
-//!   a UDP flow from a tunnel's port, aggregated per (netns, mark, table,
-//!   flow) in an LRU map.
+//! * `fib_table_lookup` / `fib6_table_lookup`: routing-table lookups of a
+//!   known peer's transport, aggregated per (peer, mark, table).
 //! * `net_dev_start_xmit` / `netif_receive_skb`: every packet leaving or
 //!   entering any device of any namespace, including devices created after we
 //!   attached. Chosen over TCX because tracepoints need no per-interface
 //!   attachment (nothing to chase as namespaces and tunnels come and go, and
 //!   nothing left on interfaces if we die), and over classic tracepoints
-//!   because tp_btf skips building the trace record (measured: 7% and 20% of
-//!   tunnel throughput for empty classic programs here).
+//!   because tp_btf skips building the trace record.
 //!
-//! Packets that are neither UDP nor, on a tunnel's own device, an echo or a
-//! TCP handshake leave after a few loads. WireGuard data packets only bump
-//! per-CPU counters; the ring buffer carries new flows, new route decisions,
+//! Every packet on the host passes through here, so the path is built to let
+//! everything that is not a known tunnel's leave at once: one read of the
+//! IP and transport headers, then one bit of the listen-port bitmap (an array
+//! map: the verifier inlines its lookup into plain loads) or, for plaintext
+//! probes, the device type. The FIB hooks test the same bit first, from the
+//! flow's fields, with no read at all. Only then is a known peer looked up
+//! (by tunnel namespace, listen port and endpoint, all written by userspace),
+//! so traffic from anyone else creates no state. Per-CPU path counters count
+//! wire packets (a GSO skb's segments) and UDP payload bytes, as WireGuard
+//! does; the ring buffer carries only new paths, new route decisions,
 //! handshake messages and latency samples, and a failed reservation is
 //! counted, never silent. Helpers are inlined: a BPF subprogram may not hand
 //! a pointer to its stack back to its caller, and one frame keeps the
@@ -29,13 +34,14 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use wgtrace_common::{
-    AF_INET, AF_INET6, AF_PACKET, COUNTER_EVENTS_LOST, COUNTER_FORGED, COUNTER_HOOK_RUNS, COUNTER_READ_ERRORS,
-    COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE,
-    EVENT_PLAINTEXT, EVENT_TRANSMIT, FLOW_MAP_ENTRIES, FlowKey, FlowStats, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW,
-    IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, OFFSET_UNAVAILABLE, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST,
-    PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PacketEvent, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent,
-    RouteKey, RouteStats, SOCK_RAW, TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES,
-    TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent, TransmitKey, TransmitOrigin, ciphertext_length,
+    AF_INET, AF_INET6, AF_PACKET, ARPHRD_NONE, COUNTER_EVENTS_LOST, COUNTER_FORGED, COUNTER_PATHS_FULL,
+    COUNTER_READ_ERRORS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW,
+    EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP,
+    IPPROTO_UDP, KernelOffsets, OFFSET_UNAVAILABLE, PATH_MAP_ENTRIES, PEER_MAP_ENTRIES, PLAINTEXT_ECHO_REPLY,
+    PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats,
+    PeerKey, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW,
+    TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent,
+    TransmitKey, TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -43,8 +49,17 @@ use wgtrace_common::{
 #[unsafe(no_mangle)]
 static KERNEL_OFFSETS: KernelOffsets = unsafe { core::mem::zeroed() };
 
+/// One bit per UDP port that some tunnel (in any namespace) listens on:
+/// the first and only test most packets see.
 #[map]
-static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> = LruPerCpuHashMap::with_max_entries(FLOW_MAP_ENTRIES, 0);
+static TUNNEL_PORT_BITS: Array<u64> = Array::with_max_entries(PORT_BITMAP_SLOTS, 0);
+
+/// Known peers by tunnel socket and endpoint, to their slot number.
+#[map]
+static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(PEER_MAP_ENTRIES, 0);
+
+#[map]
+static PATHS: LruPerCpuHashMap<PathKey, PathStats> = LruPerCpuHashMap::with_max_entries(PATH_MAP_ENTRIES, 0);
 
 #[map]
 static ROUTES: LruPerCpuHashMap<RouteKey, RouteStats> = LruPerCpuHashMap::with_max_entries(ROUTE_MAP_ENTRIES, 0);
@@ -59,11 +74,6 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS,
 /// plaintext packets timed.
 #[map]
 static TUNNEL_DEVICES: HashMap<DeviceKey, u8> = HashMap::with_max_entries(TUNNEL_DEVICE_ENTRIES, 0);
-
-/// Listen ports of every tunnel, kept current by userspace: only route
-/// lookups from these ports are tunnel transport worth recording.
-#[map]
-static TUNNEL_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(TUNNEL_DEVICE_ENTRIES, 0);
 
 /// Sampled plaintext packets by skb address, for kernel WireGuard, which
 /// keeps the skb through encryption.
@@ -118,10 +128,19 @@ fn count(slot: u32) {
     }
 }
 
+/// Whether some tunnel listens on `port`: two plain loads.
 #[inline(always)]
-fn netns_of_device(dev: *const u8) -> Result<u32, ()> {
+fn tunnel_port(port: u16) -> bool {
+    match TUNNEL_PORT_BITS.get((port >> 6) as u32) {
+        Some(bits) => *bits & (1u64 << (port & 63)) != 0,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn netns_of_device(dev: *const u8) -> u32 {
     let net: *const u8 = load(dev, offset!(net_device_net));
-    Ok(load(net, offset!(net_inum)))
+    load(net, offset!(net_inum))
 }
 
 #[inline(always)]
@@ -145,7 +164,6 @@ fn device_name(dev: *const u8, name: &mut [u8; 16]) {
 
 #[btf_tracepoint(function = "fib_table_lookup")]
 pub fn fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
-    count(COUNTER_HOOK_RUNS);
     let _ = on_fib4_lookup(&ctx);
     0
 }
@@ -161,35 +179,32 @@ fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if protocol != IPPROTO_UDP {
         return Ok(());
     }
-    let table: u32 = ctx.arg(0);
-    let nexthop: *const u8 = ctx.arg(2);
-    let error: i32 = ctx.arg(3);
-    let mut key = RouteKey {
-        table,
-        family: AF_INET,
-        mark: load(flow, offset!(flowi4_mark)),
-        oif: load(flow, offset!(flowi4_oif)),
-        iif: load(flow, offset!(flowi4_iif)),
-        sport: u16::from_be(load(flow, offset!(flowi4_sport))),
-        dport: u16::from_be(load(flow, offset!(flowi4_dport))),
-        ..RouteKey::default()
-    };
-    if TUNNEL_PORTS.get_ptr(&key.sport).is_none() {
+    let sport = u16::from_be(load(flow, offset!(flowi4_sport)));
+    if !tunnel_port(sport) {
         return Ok(());
     }
-    let saddr = load::<u32>(flow, offset!(flowi4_saddr)).to_ne_bytes();
-    let daddr = load::<u32>(flow, offset!(flowi4_daddr)).to_ne_bytes();
-    key.saddr[..4].copy_from_slice(&saddr);
-    key.daddr[..4].copy_from_slice(&daddr);
+    let nexthop: *const u8 = ctx.arg(2);
+    let error: i32 = ctx.arg(3);
     let device: *const u8 =
         if nexthop.is_null() || error != 0 { core::ptr::null() } else { load(nexthop, offset!(fib_nh_common_dev)) };
-    key.netns = if device.is_null() { netns_of_current_task()? } else { netns_of_device(device)? };
+    let mut peer = PeerKey {
+        netns: if device.is_null() { netns_of_current_task()? } else { netns_of_device(device) },
+        family: AF_INET,
+        local_port: sport,
+        remote_port: u16::from_be(load(flow, offset!(flowi4_dport))),
+        ..PeerKey::default()
+    };
+    let daddr = load::<u32>(flow, offset!(flowi4_daddr)).to_ne_bytes();
+    peer.remote[..4].copy_from_slice(&daddr);
+    let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
+        return Ok(());
+    };
+    let key = RouteKey { peer: *slot, mark: load(flow, offset!(flowi4_mark)), table: ctx.arg(0), _pad: 0 };
     record_route(&key, device, error)
 }
 
 #[btf_tracepoint(function = "fib6_table_lookup")]
 pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
-    count(COUNTER_HOOK_RUNS);
     let _ = on_fib6_lookup(&ctx);
     0
 }
@@ -202,25 +217,30 @@ fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if protocol != IPPROTO_UDP {
         return Ok(());
     }
+    let sport = u16::from_be(load(flow, offset!(flowi6_sport)));
+    if !tunnel_port(sport) {
+        return Ok(());
+    }
     let net: *const u8 = ctx.arg(0);
     let result: *const u8 = ctx.arg(1);
     let table: *const u8 = ctx.arg(2);
-    let mut key = RouteKey {
-        table: if table.is_null() { 0 } else { load(table, offset!(fib6_table_id)) },
-        family: AF_INET6,
+    let peer = PeerKey {
         netns: load(net, offset!(net_inum)),
-        mark: load(flow, offset!(flowi6_mark)),
-        oif: load(flow, offset!(flowi6_oif)),
-        iif: load(flow, offset!(flowi6_iif)),
-        sport: u16::from_be(load(flow, offset!(flowi6_sport))),
-        dport: u16::from_be(load(flow, offset!(flowi6_dport))),
-        ..RouteKey::default()
+        family: AF_INET6,
+        local_port: sport,
+        remote_port: u16::from_be(load(flow, offset!(flowi6_dport))),
+        remote: read(flow, offset!(flowi6_daddr))?,
+        ..PeerKey::default()
     };
-    if TUNNEL_PORTS.get_ptr(&key.sport).is_none() {
+    let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
         return Ok(());
-    }
-    key.saddr = read(flow, offset!(flowi6_saddr))?;
-    key.daddr = read(flow, offset!(flowi6_daddr))?;
+    };
+    let key = RouteKey {
+        peer: *slot,
+        mark: load(flow, offset!(flowi6_mark)),
+        table: if table.is_null() { 0 } else { load(table, offset!(fib6_table_id)) },
+        _pad: 0,
+    };
     let nexthop: *const u8 = load(result, offset!(fib6_result_nh));
     let device: *const u8 = if nexthop.is_null() { core::ptr::null() } else { load(nexthop, offset!(fib6_nh_dev)) };
     // IPv6 reports a miss as a nexthop-less result rather than an errno.
@@ -263,7 +283,6 @@ fn record_route(key: &RouteKey, device: *const u8, error: i32) -> Result<(), ()>
 
 #[btf_tracepoint(function = "net_dev_start_xmit")]
 pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
-    count(COUNTER_HOOK_RUNS);
     let skb: *const u8 = ctx.arg(0);
     let dev: *const u8 = ctx.arg(1);
     let _ = on_packet(skb, dev, DIR_EGRESS);
@@ -272,22 +291,19 @@ pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "netif_receive_skb")]
 pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
-    count(COUNTER_HOOK_RUNS);
     let skb: *const u8 = ctx.arg(0);
     let dev: *const u8 = load(skb, offset!(skb_dev));
     let _ = on_packet(skb, dev, DIR_INGRESS);
     0
 }
 
-/// The parts of a UDP datagram's start that identify a WireGuard message.
-#[repr(C)]
-struct UdpPrefix {
-    source_port: [u8; 2],
-    destination_port: [u8; 2],
-    length: [u8; 2],
-    checksum: [u8; 2],
-    payload: [u8; HEADER_PREFIX_LEN],
-}
+/// The headers of an IPv4 packet without options, read in one go: the IP
+/// header, then the first 20 bytes of UDP (8 of header, WireGuard's 12-byte
+/// message prefix), TCP or ICMP.
+const IPV4_READ: usize = 40;
+/// The same after IPv6's fixed header.
+const IPV6_READ: usize = 60;
+const L4_READ: usize = 8 + HEADER_PREFIX_LEN;
 
 /// The IP-level facts every later step needs.
 struct Packet {
@@ -298,9 +314,11 @@ struct Packet {
     protocol: u8,
     saddr: [u8; 16],
     daddr: [u8; 16],
+    /// Where the transport header starts, for the length of a GSO skb.
     l4: *const u8,
-    l3_header_length: u32,
     ip_length: u32,
+    /// The first bytes of the transport header.
+    l4_bytes: [u8; L4_READ],
 }
 
 #[inline(always)]
@@ -327,98 +345,169 @@ fn on_packet(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
         saddr: [0; 16],
         daddr: [0; 16],
         l4: l3,
-        l3_header_length: 0,
         ip_length: 0,
+        l4_bytes: [0; L4_READ],
     };
     if ethertype == ETH_P_IP_RAW {
-        let header: [u8; 20] = read(l3, 0)?;
-        let ihl = ((header[0] & 0x0f) as u32) * 4;
+        // The one read every IPv4 packet costs.
+        let header: [u8; IPV4_READ] = read(l3, 0)?;
+        let ihl = ((header[0] & 0x0f) as usize) * 4;
         let not_first_fragment = (header[6] & 0x1f) != 0 || header[7] != 0;
         if header[0] >> 4 != 4 || ihl < 20 || not_first_fragment {
             return Ok(());
         }
-        packet.family = AF_INET;
         packet.protocol = header[9];
+        if !worth_a_look(&packet, dev, &header[20..]) {
+            return Ok(());
+        }
+        packet.family = AF_INET;
         packet.saddr[..4].copy_from_slice(&header[12..16]);
         packet.daddr[..4].copy_from_slice(&header[16..20]);
-        packet.l3_header_length = ihl;
         packet.ip_length = u16::from_be_bytes([header[2], header[3]]) as u32;
+        packet.l4 = l3.wrapping_add(ihl);
+        if ihl == 20 {
+            packet.l4_bytes.copy_from_slice(&header[20..20 + L4_READ]);
+        } else {
+            // IP options (rare): the transport header is further on.
+            packet.l4_bytes = read(packet.l4, 0)?;
+        }
     } else {
-        let header: [u8; 40] = read(l3, 0)?;
+        let header: [u8; IPV6_READ] = read(l3, 0)?;
         // Only a transport header directly after the fixed header; extension
         // headers are rare on tunnel transport and not followed here.
         if header[0] >> 4 != 6 {
             return Ok(());
         }
-        packet.family = AF_INET6;
         packet.protocol = header[6];
+        if !worth_a_look(&packet, dev, &header[40..]) {
+            return Ok(());
+        }
+        packet.family = AF_INET6;
         packet.saddr.copy_from_slice(&header[8..24]);
         packet.daddr.copy_from_slice(&header[24..40]);
-        packet.l3_header_length = 40;
         packet.ip_length = 40 + u16::from_be_bytes([header[4], header[5]]) as u32;
+        packet.l4 = l3.wrapping_add(40);
+        packet.l4_bytes.copy_from_slice(&header[40..40 + L4_READ]);
     }
-    packet.l4 = l3.wrapping_add(packet.l3_header_length as usize);
     match packet.protocol {
         IPPROTO_UDP => on_udp(&packet),
-        IPPROTO_ICMP | IPPROTO_ICMPV6 | IPPROTO_TCP => on_plaintext(&packet),
-        _ => Ok(()),
+        _ => on_plaintext(&packet),
     }
 }
 
+/// The gate: UDP to or from a port some tunnel listens on (the local port:
+/// source when leaving, destination when arriving), or an echo or TCP
+/// handshake on a device with no link layer (WireGuard and TUN devices).
+/// Everything else, nearly every packet on a busy host, stops here. For an
+/// IPv4 packet with options `l4` is not the transport header; only the
+/// ports, which the rare such tunnel packet still passes, can be wrong.
 #[inline(always)]
-fn device_key(dev: *const u8) -> Result<DeviceKey, ()> {
-    Ok(DeviceKey { netns: netns_of_device(dev)?, ifindex: load(dev, offset!(net_device_ifindex)) })
+fn worth_a_look(packet: &Packet, dev: *const u8, l4: &[u8]) -> bool {
+    match packet.protocol {
+        IPPROTO_UDP => {
+            let at = if packet.direction == DIR_EGRESS { 0 } else { 2 };
+            tunnel_port(u16::from_be_bytes([l4[at], l4[at + 1]]))
+        }
+        IPPROTO_TCP | IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let device_type: u16 = load(dev, offset!(net_device_type));
+            device_type == ARPHRD_NONE
+        }
+        _ => false,
+    }
+}
+
+/// Wire packets and UDP payload bytes in this skb. A GSO skb (UDP GSO from
+/// wireguard-go since 2023, or GRO) holds `gso_segs` datagrams with one
+/// UDP header between them: its payload is what follows that header.
+#[inline(always)]
+fn wire_counts(packet: &Packet, udp_length: u32) -> (u64, u64) {
+    let head: *const u8 = load(packet.skb, offset!(skb_head));
+    let end: u32 = load(packet.skb, offset!(skb_end));
+    let gso = read::<[u16; 2]>(head.wrapping_add(end as usize), offset!(shinfo_gso_size)).unwrap_or([0, 0]);
+    let (gso_size, gso_segs) = (gso[0], gso[1]);
+    if gso_size == 0 || gso_segs <= 1 {
+        return (1, udp_length.saturating_sub(8) as u64);
+    }
+    let data: u64 = load(packet.skb, offset!(skb_data));
+    let length: u32 = load(packet.skb, offset!(skb_len));
+    let before_payload = (packet.l4 as u64).wrapping_sub(data).wrapping_add(8);
+    (gso_segs as u64, (length as u64).saturating_sub(before_payload))
 }
 
 #[inline(always)]
 fn on_udp(packet: &Packet) -> Result<(), ()> {
-    let udp: UdpPrefix = read(packet.l4, 0)?;
-    let udp_length = u16::from_be_bytes(udp.length) as u32;
-    let Some(message) = wire::classify(&udp.payload, udp_length.wrapping_sub(8)) else {
+    let udp = &packet.l4_bytes;
+    let udp_length = u16::from_be_bytes([udp[4], udp[5]]) as u32;
+    let mut prefix = [0u8; HEADER_PREFIX_LEN];
+    prefix.copy_from_slice(&udp[8..8 + HEADER_PREFIX_LEN]);
+    let Some(message) = wire::classify(&prefix, udp_length.wrapping_sub(8)) else {
         return Ok(());
     };
-    let device = device_key(packet.dev)?;
-    let key = FlowKey {
-        netns: device.netns,
-        ifindex: device.ifindex,
-        mark: load(packet.skb, offset!(skb_mark)),
+    let netns = netns_of_device(packet.dev);
+    let source_port = u16::from_be_bytes([udp[0], udp[1]]);
+    let destination_port = u16::from_be_bytes([udp[2], udp[3]]);
+    let egress = packet.direction == DIR_EGRESS;
+    let peer = PeerKey {
+        netns,
         family: packet.family,
-        direction: packet.direction,
-        saddr: packet.saddr,
-        daddr: packet.daddr,
-        sport: u16::from_be_bytes(udp.source_port),
-        dport: u16::from_be_bytes(udp.destination_port),
-        ..FlowKey::default()
+        local_port: if egress { source_port } else { destination_port },
+        remote_port: if egress { destination_port } else { source_port },
+        _pad: 0,
+        remote: if egress { packet.daddr } else { packet.saddr },
     };
-
+    // Only a known tunnel socket talking to a known endpoint goes on.
+    let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
+        return Ok(());
+    };
+    let ifindex: u32 = load(packet.dev, offset!(net_device_ifindex));
+    let key = PathKey {
+        peer: *slot,
+        ifindex,
+        mark: load(packet.skb, offset!(skb_mark)),
+        direction: packet.direction,
+        _pad: [0; 3],
+    };
+    let (packets, bytes) = wire_counts(packet, udp_length);
     let now = unsafe { bpf_ktime_get_ns() };
-    let bytes = (udp_length + packet.l3_header_length) as u64;
-    let new_flow = match FLOWS.get_ptr_mut(&key) {
+    let new_path = match PATHS.get_ptr_mut(&key) {
         Some(stats) => {
             unsafe {
-                (*stats).packets += 1;
+                (*stats).packets += packets;
                 (*stats).bytes += bytes;
                 (*stats).last_seen_ns = now;
             }
             false
         }
         None => {
-            // Checked once per flow, when it would start: a forged packet
-            // never gets a flow of its own, so it can never make a verdict.
-            if packet.direction == DIR_EGRESS && forged(packet.skb)? {
+            // Checked once per path, when it would start: a forged packet
+            // never gets a path of its own, so it can never make a verdict.
+            if egress && forged(packet.skb)? {
                 count(COUNTER_FORGED);
                 return Ok(());
             }
-            let stats = FlowStats { packets: 1, bytes, last_seen_ns: now };
-            FLOWS.insert(&key, &stats, BPF_NOEXIST).is_ok()
+            let stats = PathStats { packets, bytes, last_seen_ns: now };
+            if PATHS.insert(&key, &stats, BPF_NOEXIST).is_err() {
+                // Another CPU created it in between: count there.
+                match PATHS.get_ptr_mut(&key) {
+                    Some(stats) => unsafe {
+                        (*stats).packets += packets;
+                        (*stats).bytes += bytes;
+                        (*stats).last_seen_ns = now;
+                    },
+                    None => count(COUNTER_PATHS_FULL),
+                }
+                false
+            } else {
+                true
+            }
         }
     };
     let payload_length = udp_length.wrapping_sub(8);
     if message.message_type == wire::MESSAGE_TRANSPORT_DATA {
-        if packet.direction == DIR_EGRESS {
-            follow_transmit(packet.skb, &key, payload_length, udp_length + packet.l3_header_length, now);
+        if egress {
+            follow_transmit(packet.skb, netns, &key, payload_length, packet.ip_length, now);
         }
-        if !new_flow {
+        if !new_path {
             return Ok(());
         }
     }
@@ -426,7 +515,8 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
         kind: if message.message_type == wire::MESSAGE_TRANSPORT_DATA { EVENT_NEW_FLOW } else { EVENT_HANDSHAKE },
         message_type: message.message_type,
         timestamp_ns: now,
-        key,
+        path: key,
+        netns,
         length: payload_length,
         sender: message.sender,
         receiver: message.receiver,
@@ -477,14 +567,14 @@ fn forged(skb: *const u8) -> Result<bool, ()> {
 /// leaves, the stage is recorded and the next encryption predicted (a nested
 /// tunnel's transport is itself plaintext for the outer tunnel).
 #[inline(always)]
-fn follow_transmit(skb: *const u8, flow: &FlowKey, payload_length: u32, ip_length: u32, now: u64) {
+fn follow_transmit(skb: *const u8, netns: u32, path: &PathKey, payload_length: u32, ip_length: u32, now: u64) {
     // Most data packets are not samples: skip the lookups unless a sample
     // was taken recently enough to still be on its way.
     let last_sample = LAST_SAMPLE.get(0).copied().unwrap_or(0);
     if now.wrapping_sub(last_sample) > MAX_TRANSMIT_NS {
         return;
     }
-    let by_length = TransmitKey { netns: flow.netns, payload_length };
+    let by_length = TransmitKey { netns: netns, payload_length };
     let (origin, method) = match SKB_SAMPLES.get_ptr(&(skb as u64)) {
         // A recycled skb address with a stale entry is not the sample.
         Some(origin) if now.wrapping_sub(unsafe { (*origin).entered_ns }) < MAX_TRANSMIT_NS => {
@@ -503,10 +593,10 @@ fn follow_transmit(skb: *const u8, flow: &FlowKey, payload_length: u32, ip_lengt
         stage,
         entered_ns: origin.entered_ns,
         left_ns: now,
-        netns: flow.netns,
+        netns: netns,
         origin_ifindex: origin.ifindex,
-        egress_ifindex: flow.ifindex,
-        mark: flow.mark,
+        egress_ifindex: path.ifindex,
+        mark: path.mark,
         method,
         _pad: 0,
     };
@@ -514,8 +604,7 @@ fn follow_transmit(skb: *const u8, flow: &FlowKey, payload_length: u32, ip_lengt
         count(COUNTER_EVENTS_LOST);
     }
     let next = TransmitOrigin { stage, ..origin };
-    let entered_another_tunnel =
-        TUNNEL_DEVICES.get_ptr(&DeviceKey { netns: flow.netns, ifindex: flow.ifindex }).is_some();
+    let entered_another_tunnel = TUNNEL_DEVICES.get_ptr(&DeviceKey { netns: netns, ifindex: path.ifindex }).is_some();
     if method == TRANSMIT_BY_SKB {
         if entered_another_tunnel {
             let _ = SKB_SAMPLES.insert(&(skb as u64), &next, 0);
@@ -523,7 +612,7 @@ fn follow_transmit(skb: *const u8, flow: &FlowKey, payload_length: u32, ip_lengt
             let _ = SKB_SAMPLES.remove(&(skb as u64));
         }
     } else if entered_another_tunnel {
-        let next_key = TransmitKey { netns: flow.netns, payload_length: ciphertext_length(ip_length) };
+        let next_key = TransmitKey { netns: netns, payload_length: ciphertext_length(ip_length) };
         let _ = TRANSMIT_PENDING.insert(&next_key, &next, 0);
     }
 }
@@ -542,7 +631,7 @@ fn on_plaintext(packet: &Packet) -> Result<(), ()> {
         ..PlaintextEvent::default()
     };
     if packet.protocol == IPPROTO_TCP {
-        let tcp: [u8; 14] = read(packet.l4, 0)?;
+        let tcp = &packet.l4_bytes;
         let flags = tcp[13] & 0x12; // SYN and ACK
         let (local, remote) =
             if egress { ([tcp[0], tcp[1]], [tcp[2], tcp[3]]) } else { ([tcp[2], tcp[3]], [tcp[0], tcp[1]]) };
@@ -558,7 +647,7 @@ fn on_plaintext(packet: &Packet) -> Result<(), ()> {
             return Ok(());
         }
     } else {
-        let icmp: [u8; 8] = read(packet.l4, 0)?;
+        let icmp = &packet.l4_bytes;
         let (request, reply) = if packet.protocol == IPPROTO_ICMP { (8, 0) } else { (128, 129) };
         event.what = if egress && icmp[0] == request {
             PLAINTEXT_ECHO_REQUEST
@@ -570,7 +659,8 @@ fn on_plaintext(packet: &Packet) -> Result<(), ()> {
         event.id = u16::from_be_bytes([icmp[4], icmp[5]]);
         event.sequence = u16::from_be_bytes([icmp[6], icmp[7]]) as u32;
     }
-    let device = device_key(packet.dev)?;
+    let device =
+        DeviceKey { netns: netns_of_device(packet.dev), ifindex: load(packet.dev, offset!(net_device_ifindex)) };
     let Some(tunnel_kind) = TUNNEL_DEVICES.get_ptr(&device) else {
         return Ok(());
     };

@@ -191,6 +191,7 @@ fn check_peer(
         packets: None,
         bytes: None,
         received_packets: None,
+        received_bytes: None,
     });
     if oif == tunnel.ifindex || predicted_loop {
         findings.push(finding(

@@ -2,9 +2,10 @@
 //! where it really leaves, whether that is inside another tunnel, why, and
 //! which mark would fix it.
 //!
-//! A flow belongs to a tunnel by its own socket: the tunnel's network
-//! namespace and listen port as the source. Destination alone proves nothing
-//! (any socket can send to a tunnel's endpoint).
+//! A path belongs to a peer by the tunnel's own socket: the kernel side
+//! counts only packets between a tunnel's namespace and listen port and a
+//! known endpoint, under the peer's slot number (see `probes::peers`), so
+//! everything here is keyed by topology, never by what a sender picked.
 
 use std::{
     collections::HashMap,
@@ -13,7 +14,7 @@ use std::{
 
 use anyhow::Result;
 use serde::Serialize;
-use wgtrace_common::{AF_INET, DIR_EGRESS, DIR_INGRESS, FlowKey, FlowStats, RouteKey, RouteStats};
+use wgtrace_common::{DIR_EGRESS, DIR_INGRESS, PathKey, PathStats, RouteKey, RouteStats};
 
 use crate::latency::{NestingCost, PeerLatency};
 use crate::topology::{
@@ -52,6 +53,8 @@ pub struct Transport {
     pub bytes: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub received_packets: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received_bytes: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
@@ -120,12 +123,11 @@ pub struct TunnelReport {
 
 /// Everything the kernel side recorded, as read from its maps.
 pub struct Observations<'a> {
-    pub flows: &'a HashMap<FlowKey, FlowStats>,
+    pub paths: &'a HashMap<PathKey, PathStats>,
     pub routes: &'a HashMap<RouteKey, RouteStats>,
-}
-
-fn key_address(family: u16, bytes: &[u8; 16]) -> IpAddr {
-    if family == AF_INET { IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]) } else { IpAddr::from(*bytes) }
+    /// The slot the kernel side counts a peer under: (tunnel namespace,
+    /// tunnel ifindex, public key) to slot.
+    pub slot: &'a dyn Fn(u64, u32, &str) -> Option<u32>,
 }
 
 pub fn correlate(topology: &Topology, seen: &Observations, oracle: &dyn RouteOracle) -> Vec<TunnelReport> {
@@ -180,29 +182,32 @@ fn correlate_peer(
     let (Some(device), Some(endpoint)) = (tunnel.device.as_ref(), peer.endpoint) else {
         return report;
     };
-    let ours = |key: &FlowKey, direction: u8| {
-        key.netns as u64 == tunnel.netns && key.direction == direction && {
-            let (local_port, remote_port, remote) = if direction == DIR_EGRESS {
-                (key.sport, key.dport, key_address(key.family, &key.daddr))
-            } else {
-                (key.dport, key.sport, key_address(key.family, &key.saddr))
-            };
-            local_port == device.listen_port && remote_port == endpoint.port() && same_ip(remote, endpoint.ip())
-        }
+    let Some(slot) = (seen.slot)(tunnel.netns, tunnel.ifindex, &peer.public_key) else {
+        return report;
     };
-    // The current path is the one seen last: after a fix, old flows linger in
+    let ours = |key: &PathKey, direction: u8| key.peer == slot && key.direction == direction;
+    // The current path is the one seen last: after a fix, old paths linger in
     // the maps but stop being updated.
     let Some((current, _)) =
-        seen.flows.iter().filter(|(key, _)| ours(key, DIR_EGRESS)).max_by_key(|(_, stats)| stats.last_seen_ns)
+        seen.paths.iter().filter(|(key, _)| ours(key, DIR_EGRESS)).max_by_key(|(_, stats)| stats.last_seen_ns)
     else {
         return report;
     };
     let (packets, bytes) = seen
-        .flows
+        .paths
         .iter()
         .filter(|(key, _)| ours(key, DIR_EGRESS) && key.ifindex == current.ifindex && key.mark == current.mark)
         .fold((0, 0), |(p, b), (_, s)| (p + s.packets, b + s.bytes));
-    let received_packets = seen.flows.iter().filter(|(key, _)| ours(key, DIR_INGRESS)).map(|(_, s)| s.packets).sum();
+    // Received packets arrive on the tunnel's own namespace's devices; a
+    // nested peer's are seen twice (on the outer tunnel's device and the
+    // wire), so count one device: the busiest.
+    let mut received_by_device: HashMap<u32, (u64, u64)> = HashMap::new();
+    for (key, stats) in seen.paths.iter().filter(|(key, _)| ours(key, DIR_INGRESS)) {
+        let entry = received_by_device.entry(key.ifindex).or_default();
+        entry.0 += stats.packets;
+        entry.1 += stats.bytes;
+    }
+    let (received_packets, received_bytes) = received_by_device.into_values().max().unwrap_or_default();
 
     let query = UdpQuery {
         destination: endpoint.ip(),
@@ -211,8 +216,7 @@ fn correlate_peer(
         mark: current.mark,
     };
     let kernel_answer = oracle.route_get(tunnel.netns, query).ok();
-    let route_table = observed_table(seen.routes, tunnel, current, endpoint, device.listen_port)
-        .or(kernel_answer.as_ref().and_then(|a| a.table));
+    let route_table = observed_table(seen.routes, slot, current).or(kernel_answer.as_ref().and_then(|a| a.table));
     let rule = route_table.and_then(|table| {
         deciding_rule_in(
             topology,
@@ -231,6 +235,7 @@ fn correlate_peer(
         packets: Some(packets),
         bytes: Some(bytes),
         received_packets: Some(received_packets),
+        received_bytes: Some(received_bytes),
     });
     judge_path(topology, tunnel, query, current.ifindex, rule, oracle, &mut report);
     report
@@ -323,31 +328,15 @@ pub fn judge_path(
     }
 }
 
-fn same_ip(a: IpAddr, b: IpAddr) -> bool {
-    a.to_canonical() == b.to_canonical()
-}
-
 /// The table whose lookup produced the device the packet really left by.
 /// When several tables were consulted (a suppressed main lookup, then the
 /// tunnel table), the one pointing at the real egress device is the decision
 /// that was used.
-fn observed_table(
-    routes: &HashMap<RouteKey, RouteStats>,
-    tunnel: &Tunnel,
-    flow: &FlowKey,
-    endpoint: SocketAddr,
-    listen_port: u16,
-) -> Option<u32> {
+fn observed_table(routes: &HashMap<RouteKey, RouteStats>, slot: u32, path: &PathKey) -> Option<u32> {
     routes
         .iter()
         .filter(|(key, stats)| {
-            key.netns as u64 == tunnel.netns
-                && key.mark == flow.mark
-                && key.dport == endpoint.port()
-                && (key.sport == listen_port || key.sport == 0)
-                && same_ip(key_address(key.family, &key.daddr), endpoint.ip())
-                && stats.error == 0
-                && stats.result_ifindex == flow.ifindex
+            key.peer == slot && key.mark == path.mark && stats.error == 0 && stats.result_ifindex == path.ifindex
         })
         .max_by_key(|(_, stats)| stats.last_seen_ns)
         .map(|(key, _)| key.table)
@@ -446,8 +435,6 @@ mod tests {
     //! Correlation on recorded event sequences: the maps as the kernel side
     //! leaves them, a topology as discovery returns it, and a routing oracle
     //! standing in for RTM_GETROUTE.
-
-    use std::net::Ipv4Addr;
 
     use super::*;
     use crate::topology::{Device, Namespace, Peer, netlink::Link};
@@ -548,46 +535,36 @@ mod tests {
         }
     }
 
-    fn flow(ifindex: u32, sport: u16, destination: &str, mark: u32, last_seen_ns: u64) -> (FlowKey, FlowStats) {
-        let endpoint: SocketAddr = destination.parse().unwrap();
-        let IpAddr::V4(v4) = endpoint.ip() else { panic!("IPv4 only here") };
-        let mut key = FlowKey {
-            netns: NS as u32,
-            ifindex,
-            mark,
-            family: wgtrace_common::AF_INET,
-            direction: DIR_EGRESS,
-            sport,
-            dport: endpoint.port(),
-            ..FlowKey::default()
-        };
-        key.saddr[..4].copy_from_slice(&Ipv4Addr::new(192, 0, 2, 2).octets());
-        key.daddr[..4].copy_from_slice(&v4.octets());
-        (key, FlowStats { packets: 10, bytes: 1280, last_seen_ns })
+    /// In these tests a peer's slot is its tunnel's ifindex.
+    fn slot_of_tunnel(netns: u64, ifindex: u32, _public_key: &str) -> Option<u32> {
+        (netns == NS).then_some(ifindex)
+    }
+
+    /// A path of `tunnel`'s peer leaving through `ifindex`.
+    fn path(ifindex: u32, tunnel: u32, mark: u32, last_seen_ns: u64) -> (PathKey, PathStats) {
+        let key = PathKey { peer: tunnel, ifindex, mark, direction: DIR_EGRESS, _pad: [0; 3] };
+        (key, PathStats { packets: 10, bytes: 1280, last_seen_ns })
+    }
+
+    fn received(ifindex: u32, tunnel: u32, packets: u64) -> (PathKey, PathStats) {
+        let key = PathKey { peer: tunnel, ifindex, mark: 0, direction: DIR_INGRESS, _pad: [0; 3] };
+        (key, PathStats { packets, bytes: packets * 100, last_seen_ns: 1 })
     }
 
     fn lookup(table: u32, mark: u32, result_ifindex: u32, last_seen_ns: u64) -> (RouteKey, RouteStats) {
-        let mut key = RouteKey {
-            netns: NS as u32,
-            mark,
-            table,
-            family: wgtrace_common::AF_INET,
-            sport: 51821,
-            dport: 51821,
-            ..RouteKey::default()
-        };
-        key.daddr[..4].copy_from_slice(&[192, 0, 2, 200]);
+        let key = RouteKey { peer: WG1, mark, table, _pad: 0 };
         (key, RouteStats { lookups: 5, last_seen_ns, result_ifindex, error: 0 })
     }
 
     fn wg1_report(
-        flows: &[(FlowKey, FlowStats)],
+        paths: &[(PathKey, PathStats)],
         routes: &[(RouteKey, RouteStats)],
         oracle: &dyn RouteOracle,
     ) -> PeerReport {
-        let flows: HashMap<_, _> = flows.iter().copied().collect();
+        let paths: HashMap<_, _> = paths.iter().copied().collect();
         let routes: HashMap<_, _> = routes.iter().copied().collect();
-        let reports = correlate(&topology(), &Observations { flows: &flows, routes: &routes }, oracle);
+        let seen = Observations { paths: &paths, routes: &routes, slot: &slot_of_tunnel };
+        let reports = correlate(&topology(), &seen, oracle);
         reports.into_iter().find(|t| t.interface == "wg1").unwrap().peers.remove(0)
     }
 
@@ -596,7 +573,7 @@ mod tests {
         // One send visits main first (default route via c0, suppressed by
         // suppress_prefixlength 0), then 51820 (default via wg0).
         let peer = wg1_report(
-            &[flow(WG1 + 100, 1, "9.9.9.9:9", 0, 1), flow(WG0, 51821, WG1_ENDPOINT, 0, 100)],
+            &[path(C0, WG0, MARK, 1), path(WG0, WG1, 0, 100)],
             &[lookup(254, 0, C0, 100), lookup(MARK, 0, WG0, 100)],
             &LabRouting,
         );
@@ -615,7 +592,7 @@ mod tests {
     #[test]
     fn after_the_fix_the_newest_path_wins() {
         let peer = wg1_report(
-            &[flow(WG0, 51821, WG1_ENDPOINT, 0, 100), flow(C0, 51821, WG1_ENDPOINT, MARK, 200)],
+            &[path(WG0, WG1, 0, 100), path(C0, WG1, MARK, 200)],
             &[lookup(MARK, 0, WG0, 100), lookup(254, MARK, C0, 200)],
             &LabRouting,
         );
@@ -627,15 +604,18 @@ mod tests {
     }
 
     #[test]
-    fn a_socket_that_is_not_wg1_does_not_make_wg1_nested() {
-        // An impostor on another port sends WireGuard-shaped packets to wg1's
-        // endpoint through wg0, more recently than wg1's own direct packets.
+    fn another_peers_paths_do_not_make_wg1_nested() {
+        // wg2's transport rides inside wg0, more recently than wg1's own
+        // direct packets: wg1's verdict comes from wg1's slot only.
         let peer = wg1_report(
-            &[flow(C0, 51821, WG1_ENDPOINT, MARK, 100), flow(WG0, 40000, WG1_ENDPOINT, 0, 500)],
+            &[path(C0, WG1, MARK, 100), path(WG0, WG2, 0, 500), received(C0, WG1, 7), received(WG0, WG1, 2)],
             &[],
             &LabRouting,
         );
-        assert_eq!(peer.transport.unwrap().egress_interface, "c0");
+        let transport = peer.transport.unwrap();
+        assert_eq!(transport.egress_interface, "c0");
+        assert_eq!((transport.packets, transport.bytes), (Some(10), Some(1280)));
+        assert_eq!((transport.received_packets, transport.received_bytes), (Some(7), Some(700)), "busiest device");
         assert!(peer.nested_in.is_none());
     }
 
@@ -647,7 +627,7 @@ mod tests {
 
     #[test]
     fn a_fix_that_would_not_bypass_is_not_suggested() {
-        let peer = wg1_report(&[flow(WG0, 51821, WG1_ENDPOINT, 0, 100)], &[], &EverythingIntoWg0);
+        let peer = wg1_report(&[path(WG0, WG1, 0, 100)], &[], &EverythingIntoWg0);
         assert_eq!(peer.nested_in.as_deref(), Some("wg0"));
         assert!(peer.fix.is_none() && peer.fix_details.is_none());
         assert_eq!(peer.transport.unwrap().route_table, Some(MARK), "table from the kernel when no lookup was seen");
@@ -655,11 +635,9 @@ mod tests {
 
     #[test]
     fn deliberate_nesting_and_chains() {
-        let flows: HashMap<_, _> =
-            [flow(WG0, 51821, WG1_ENDPOINT, 0, 100), flow(WG1, 51822, "203.0.113.1:51822", 0, 100)]
-                .into_iter()
-                .collect();
-        let reports = correlate(&topology(), &Observations { flows: &flows, routes: &HashMap::new() }, &LabRouting);
+        let paths: HashMap<_, _> = [path(WG0, WG1, 0, 100), path(WG1, WG2, 0, 100)].into_iter().collect();
+        let seen = Observations { paths: &paths, routes: &HashMap::new(), slot: &slot_of_tunnel };
+        let reports = correlate(&topology(), &seen, &LabRouting);
         let wg2 = &reports.iter().find(|t| t.interface == "wg2").unwrap().peers[0];
         assert_eq!(wg2.nested_in.as_deref(), Some("wg1"));
         assert_eq!(wg2.nesting, Some(Nesting::Deliberate));

@@ -36,7 +36,9 @@ Examples:
   sudo wgtrace run --netns blue         only tunnels in `ip netns` namespace blue
   sudo wgtrace run --duration 10 --probe  also measure what a nested tunnel's fix would save
   sudo wgtrace run --prometheus :9586   serve metrics on 127.0.0.1:9586 until SIGTERM (deploy/ has examples)
-  sudo wgtrace run --max-traced-rate 0  trace every packet, even where that costs throughput")]
+
+Every packet is traced, continuously; packets that are not a known tunnel's leave the programs after a
+header read and one bit test (docs/performance.md).")]
     Run {
         /// Stop after this many seconds (default: run until Ctrl-C or SIGTERM).
         #[arg(long, value_name = "SECONDS")]
@@ -68,14 +70,6 @@ Examples:
         /// address whoever can reach it can read tunnel names and counts.
         #[arg(long, value_name = "ADDR", value_parser = wgtrace::exporter::parse_address)]
         prometheus: Option<std::net::SocketAddr>,
-        /// Above this many program runs per second (a few per packet), trace
-        /// in windows instead of continuously, so that the programs run about
-        /// this often on average (~1% of a core at the default); packet
-        /// counts are then extrapolated from the windows (`traced_fraction` in
-        /// the report). Tracing stays continuous for 3 s after start and after
-        /// any tunnel, endpoint, mark or rule change. 0 traces continuously.
-        #[arg(long, value_name = "RUNS", default_value_t = 40_000)]
-        max_traced_rate: u64,
         /// More detail on stderr (repeat for debug output).
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
@@ -129,7 +123,6 @@ fn main() -> std::process::ExitCode {
             probe,
             drop_privileges,
             prometheus,
-            max_traced_rate,
             verbose,
         } => {
             init_logging(verbose);
@@ -141,7 +134,6 @@ fn main() -> std::process::ExitCode {
                     probe,
                     drop_privileges,
                     prometheus,
-                    max_traced_rate,
                     scope: match (netns, current_netns) {
                         (Some(name), _) => Scope::Named(name),
                         (None, true) => Scope::Current,

@@ -32,8 +32,6 @@ pub struct RunOptions {
     pub drop_privileges: bool,
     /// Serve Prometheus metrics on this address (`--prometheus`).
     pub prometheus: Option<std::net::SocketAddr>,
-    /// Above this many program runs per second, trace in windows (0: never).
-    pub max_traced_rate: u64,
 }
 
 struct Session {
@@ -50,13 +48,7 @@ struct Session {
 impl Session {
     /// Rediscovers tunnels, so new ones are timed and vanished ones dropped.
     fn refresh_topology(&mut self) -> Result<()> {
-        let topology = Topology::discover(&self.scope)?;
-        // New tunnels, endpoints, marks or rules are when transport takes a
-        // new path: trace its first packets continuously.
-        if topology.fingerprint() != self.topology.fingerprint() {
-            self.tracer.hold_continuous();
-        }
-        self.topology = topology;
+        self.topology = Topology::discover(&self.scope)?;
         self.latency.set_topology(&self.topology);
         self.tracer.set_tunnel_devices(&self.topology)
     }
@@ -68,21 +60,22 @@ impl Session {
                 Event::Transmit(t) => self.latency.on_transmit(&t),
                 Event::Packet(p) => {
                     log::debug!(
-                        "netns {} if {} ({}): WireGuard type {} port {} -> {} mark {:#x}",
-                        p.key.netns,
-                        p.key.ifindex,
+                        "netns {} if {} ({}): WireGuard type {} of peer slot {} mark {:#x}",
+                        p.netns,
+                        p.path.ifindex,
                         String::from_utf8_lossy(&p.ifname).trim_end_matches('\0'),
                         p.message_type,
-                        p.key.sport,
-                        p.key.dport,
-                        p.key.mark
+                        p.path.peer,
+                        p.path.mark
                     );
-                    self.latency.on_handshake(&p);
+                    if let Some(peer) = self.tracer.peer_of_slot(p.path.peer) {
+                        self.latency.on_handshake(((peer.netns, peer.ifindex), &peer.public_key), &p);
+                    }
                     self.awaiting_first_verdict |= !self.first_verdict_logged;
                 }
                 Event::Route(r) => log::debug!(
-                    "netns {} route lookup mark {:#x} table {} -> if {} (error {})",
-                    r.key.netns,
+                    "peer slot {} route lookup mark {:#x} table {} -> if {} (error {})",
+                    r.key.peer,
                     r.key.mark,
                     r.key.table,
                     r.result_ifindex,
@@ -120,9 +113,12 @@ impl Session {
     }
 
     fn report(&self) -> Result<Report> {
-        let flows = self.tracer.flows()?;
+        let paths = self.tracer.paths()?;
         let routes = self.tracer.routes()?;
-        let seen = Observations { flows: &flows, routes: &routes };
+        let slot = |netns: u64, ifindex: u32, public_key: &str| {
+            self.tracer.peer_slot(&crate::probes::peers::PeerId { netns, ifindex, public_key: public_key.to_owned() })
+        };
+        let seen = Observations { paths: &paths, routes: &routes, slot: &slot };
         let mut tunnels = correlation::correlate(&self.topology, &seen, &self.topology);
         latency::annotate(&mut tunnels, &self.latency);
         let route_lookups = correlation::lookups_by_mark_and_table(&routes)
@@ -135,7 +131,8 @@ impl Session {
             forged_packets: self.tracer.forged_packets()?,
             route_lookups,
             duration_seconds: self.started.elapsed().as_secs_f64(),
-            traced_fraction: self.tracer.traced_fraction(),
+            // Every packet is traced, from start to finish.
+            traced_fraction: 1.0,
         })
     }
 }
@@ -165,7 +162,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if options.drop_privileges {
         crate::privileges::drop_to_tracing_only()?;
     }
-    session.tracer.trace_in_windows(options.max_traced_rate)?;
     // Serving starts with a report, so the first scrape has data. The run
     // loop only ever publishes (never waits) to the HTTP side.
     let publisher = match exporter {
@@ -181,9 +177,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // The topology was just discovered: the first refresh is one interval away.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + options.interval, options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut regulator = tokio::time::interval(std::time::Duration::from_millis(50));
-    regulator.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut regulation_failed = false;
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     loop {
         tokio::select! {
@@ -206,15 +199,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     if let Some(publisher) = &publisher {
                         publisher.publish(report);
                     }
-                }
-            }
-            _ = regulator.tick() => {
-                // Tracing goes on either way (see Tracer::regulate): say so
-                // once, not twenty times a second.
-                if let Err(err) = session.tracer.regulate()
-                    && !std::mem::replace(&mut regulation_failed, true)
-                {
-                    log::warn!("tracing windows: {err:#}");
                 }
             }
             _ = sigint.recv() => break,

@@ -256,6 +256,7 @@ pub(crate) mod tests {
                 packets: Some(packets),
                 bytes: Some(packets * 100),
                 received_packets: Some(packets),
+                received_bytes: Some(packets * 100),
             }),
             nested_in: nested_in.map(Into::into),
             nesting: nested_in.map(|_| Nesting::Accidental),

@@ -15,10 +15,7 @@ pub mod histogram;
 pub mod pending;
 pub mod probe;
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, SocketAddr},
-};
+use std::{collections::HashMap, net::IpAddr};
 
 use wgtrace_common::{
     AF_INET, DIR_EGRESS, DIR_INGRESS, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK,
@@ -65,11 +62,12 @@ type AllowedPrefix = ((IpAddr, u8), String);
 #[derive(Default)]
 pub struct LatencyTracker {
     probes: Option<Pending<ProbeKey, u64>>,
-    handshakes: Option<Pending<(u32, u16, u32), u64>>,
+    /// Initiations by (peer slot, sender index).
+    handshakes: Option<Pending<(u32, u32), u64>>,
     /// Per device and peer (public key; empty when no peer's AllowedIPs match).
     inner: HashMap<(Device, String), LatencyHistogram>,
-    /// Per (netns, local port, remote endpoint).
-    handshake: HashMap<(u64, u16, SocketAddr), LatencyHistogram>,
+    /// Per known peer: tunnel device and public key.
+    handshake: HashMap<(Device, String), LatencyHistogram>,
     transmit: HashMap<Device, LatencyHistogram>,
     /// How each device's transmit samples were matched, last seen.
     transmit_method: HashMap<Device, u32>,
@@ -100,6 +98,19 @@ impl LatencyTracker {
                 ((t.netns, t.ifindex), peers)
             })
             .collect();
+        // Histograms exist only for peers that still exist: memory follows
+        // the topology, never the traffic.
+        let known: std::collections::HashSet<(Device, &str)> = topology
+            .tunnels
+            .iter()
+            .flat_map(|t| t.device.iter().flat_map(move |d| d.peers.iter().map(move |p| ((t.netns, t.ifindex), p))))
+            .map(|(device, p)| (device, p.public_key.as_str()))
+            .collect();
+        self.handshake.retain(|(device, key), _| known.contains(&(*device, key.as_str())));
+        let devices = &self.peers_of_device;
+        self.inner.retain(|(device, _), _| devices.contains_key(device));
+        self.transmit.retain(|device, _| devices.contains_key(device));
+        self.transmit_method.retain(|device, _| devices.contains_key(device));
     }
 
     /// The peer whose AllowedIPs hold `remote` most specifically.
@@ -140,18 +151,19 @@ impl LatencyTracker {
         }
     }
 
-    pub fn on_handshake(&mut self, event: &PacketEvent) {
-        let key = &event.key;
+    /// A handshake message of a known peer (`peer`: its tunnel device and
+    /// public key, named by the session from the event's slot). Initiations
+    /// leaving are paired with the responses arriving for their index.
+    pub fn on_handshake(&mut self, peer: (Device, &str), event: &PacketEvent) {
         let pending = self.handshakes.get_or_insert_with(|| Pending::new(PENDING_CAPACITY));
-        match (event.message_type, key.direction) {
+        match (event.message_type, event.path.direction) {
             (MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS) => {
-                pending.insert_if_absent((key.netns, key.sport, event.sender), event.timestamp_ns);
+                pending.insert_if_absent((event.path.peer, event.sender), event.timestamp_ns);
             }
             (MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS) => {
-                let Some(sent) = pending.take(&(key.netns, key.dport, event.receiver)) else { return };
+                let Some(sent) = pending.take(&(event.path.peer, event.receiver)) else { return };
                 let Some(rtt) = event.timestamp_ns.checked_sub(sent) else { return };
-                let remote = SocketAddr::new(address(key.family, &key.saddr), key.sport);
-                self.handshake.entry((key.netns as u64, key.dport, remote)).or_default().record_ns(rtt);
+                self.handshake.entry((peer.0, peer.1.to_owned())).or_default().record_ns(rtt);
             }
             _ => {}
         }
@@ -185,17 +197,8 @@ impl LatencyTracker {
         all
     }
 
-    pub fn handshake_rtt(&self, netns: u64, port: u16, endpoint: SocketAddr) -> Option<&LatencyHistogram> {
-        self.handshake.get(&(netns, port, endpoint)).or_else(|| {
-            // An IPv4 endpoint may be reported in IPv4-mapped IPv6 form.
-            self.handshake.iter().find_map(|((n, p, e), h)| {
-                (*n == netns
-                    && *p == port
-                    && e.port() == endpoint.port()
-                    && e.ip().to_canonical() == endpoint.ip().to_canonical())
-                .then_some(h)
-            })
-        })
+    pub fn handshake_rtt(&self, device: Device, public_key: &str) -> Option<&LatencyHistogram> {
+        self.handshake.get(&(device, public_key.to_owned()))
     }
 
     pub fn transmit(&self, device: Device) -> Option<&LatencyHistogram> {
@@ -274,10 +277,7 @@ pub fn annotate(reports: &mut [TunnelReport], tracker: &LatencyTracker) {
                 // outside its AllowedIPs (which the kernel would not route).
                 inner = Some(tracker.inner_rtt_of_device(device));
             }
-            let handshake = match (peer.endpoint, tunnel.listen_port) {
-                (Some(endpoint), Some(port)) => tracker.handshake_rtt(tunnel.netns_inode, port, endpoint),
-                _ => None,
-            };
+            let handshake = tracker.handshake_rtt(device, &peer.public_key);
             let transmit = tracker.transmit(device);
             peer.latency = Some(PeerLatency {
                 inner_rtt_us: inner.as_ref().map(LatencyHistogram::summary).unwrap_or_default(),
@@ -343,7 +343,7 @@ pub fn probe_nested(reports: &mut [TunnelReport], topology: &Topology) {
 
 #[cfg(test)]
 mod tests {
-    use wgtrace_common::{DeviceKey, FlowKey};
+    use wgtrace_common::{DeviceKey, PathKey};
 
     use super::*;
 
@@ -396,29 +396,20 @@ mod tests {
     }
 
     fn handshake(message_type: u8, direction: u8, index: u32, at_ms: u64) -> PacketEvent {
-        let mut key = FlowKey { netns: 7, family: AF_INET, direction, ..FlowKey::default() };
-        let (local, remote) = (51821, 51821);
-        if direction == DIR_EGRESS {
-            key.sport = local;
-            key.dport = remote;
-        } else {
-            key.sport = remote;
-            key.dport = local;
-            key.saddr[..4].copy_from_slice(&[192, 0, 2, 200]);
-        }
+        let path = PathKey { peer: 1, ifindex: 2, direction, ..PathKey::default() };
         let (sender, receiver) = if message_type == MESSAGE_HANDSHAKE_INITIATION { (index, 0) } else { (99, index) };
-        PacketEvent { message_type, key, sender, receiver, timestamp_ns: at_ms * 1_000_000, ..PacketEvent::default() }
+        PacketEvent { message_type, path, sender, receiver, timestamp_ns: at_ms * 1_000_000, ..PacketEvent::default() }
     }
 
     #[test]
     fn handshake_rtt_pairs_by_sender_index() {
         let mut t = LatencyTracker::new();
-        t.on_handshake(&handshake(MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS, 5, 0));
-        t.on_handshake(&handshake(MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS, 5, 3)); // seen again elsewhere
-        t.on_handshake(&handshake(MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS, 6, 30)); // another handshake's
-        t.on_handshake(&handshake(MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS, 5, 42));
-        let endpoint: SocketAddr = "192.0.2.200:51821".parse().unwrap();
-        let s = t.handshake_rtt(7, 51821, endpoint).unwrap().summary();
+        let peer = ((7, 3), "wg1-peer");
+        t.on_handshake(peer, &handshake(MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS, 5, 0));
+        t.on_handshake(peer, &handshake(MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS, 5, 3)); // seen again elsewhere
+        t.on_handshake(peer, &handshake(MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS, 6, 30)); // another handshake's
+        t.on_handshake(peer, &handshake(MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS, 5, 42));
+        let s = t.handshake_rtt((7, 3), "wg1-peer").unwrap().summary();
         assert_eq!(s.count, 1);
         assert!((41_900..=42_100).contains(&s.p50), "timed from the first sighting: {s:?}");
     }

@@ -5,9 +5,9 @@
 
 pub mod btf;
 pub mod offsets;
-pub mod sampling;
+pub mod peers;
 
-use std::{collections::HashMap, io, time::Instant};
+use std::{collections::HashMap, io};
 
 use crate::topology::{Implementation, Topology};
 use anyhow::{Context as _, Result, bail};
@@ -16,11 +16,11 @@ use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePoint, tp_btf::BtfTracePointLinkId},
 };
-use sampling::{Action, DutyCycle, FlowEstimates, Policy};
+use peers::{PeerId, PeerSlots};
 use wgtrace_common::{
-    COUNTER_EVENTS_LOST, COUNTER_FORGED, COUNTER_HOOK_RUNS, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW,
-    EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT, FlowKey, FlowStats, PacketEvent, PlaintextEvent, RouteEvent,
-    RouteKey, RouteStats, TUNNEL_KERNEL, TUNNEL_USERSPACE, TransmitEvent, TransmitKey, TransmitOrigin,
+    COUNTER_EVENTS_LOST, COUNTER_FORGED, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT,
+    EVENT_TRANSMIT, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerKey, PlaintextEvent, RouteEvent, RouteKey,
+    RouteStats, TUNNEL_KERNEL, TUNNEL_USERSPACE, TransmitEvent,
 };
 
 /// A hook wgtrace wants, and what it is for when it is missing.
@@ -79,10 +79,13 @@ pub struct Tracer {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
     pub hooks: Vec<HookStatus>,
-    /// The active hooks' programs and their links while attached.
-    links: Vec<(&'static str, Option<BtfTracePointLinkId>)>,
-    duty: DutyCycle,
-    estimates: FlowEstimates,
+    /// The active hooks' links: attached from start to finish, so every
+    /// packet is traced.
+    links: Vec<(&'static str, BtfTracePointLinkId)>,
+    /// Which slot number the kernel side knows each peer by.
+    peers: PeerSlots,
+    /// The port bitmap as last written, to rewrite only changed slots.
+    port_bits: Vec<u64>,
 }
 
 impl Tracer {
@@ -122,7 +125,7 @@ impl Tracer {
             };
             match status {
                 Ok(link) => {
-                    links.push((hook.program, Some(link)));
+                    links.push((hook.program, link));
                     hooks.push(HookStatus { name: hook.program, active: true, detail: hook.purpose.to_owned() })
                 }
                 Err(err) if hook.required => {
@@ -135,134 +138,23 @@ impl Tracer {
             }
         }
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map missing")?)?;
-        // Continuous until told otherwise (`trace_in_windows`).
-        let duty = DutyCycle::new(Policy::new(0), Instant::now(), 0);
-        Ok(Self { ebpf, events, hooks, links, duty, estimates: FlowEstimates::default() })
+        Ok(Self {
+            ebpf,
+            events,
+            hooks,
+            links,
+            peers: PeerSlots::default(),
+            port_bits: vec![0; PORT_BITMAP_SLOTS as usize],
+        })
     }
 
-    /// Lets tracing go to windows above `max_runs_per_second` program runs
-    /// (see [`sampling`]). Detaching is only safe if attaching again works
-    /// (dropped privileges, or a kernel refusing, could prevent it): the
-    /// first program is detached and attached again to find out, and
-    /// without that tracing stays continuous.
-    pub fn trace_in_windows(&mut self, max_runs_per_second: u64) -> Result<()> {
-        if max_runs_per_second > 0 {
-            let name = self.links.first().context("no program is attached")?.0;
-            if let Some(link) = self.links[0].1.take() {
-                self.program(name)?.detach(link).with_context(|| format!("detaching {name}"))?;
-            }
-            if let Err(err) = self.attach_all() {
-                // Once more: without this program there is no tracing at all.
-                self.attach_all().with_context(|| format!("attaching {name} again after a failed trial"))?;
-                log::warn!("tracing continuously: {err:#}; so programs are never detached");
-                return Ok(());
-            }
-        }
-        self.duty = DutyCycle::new(Policy::new(max_runs_per_second), Instant::now(), self.counter(COUNTER_HOOK_RUNS)?);
-        Ok(())
-    }
-
-    /// Trace continuously for a while from now: the tunnels changed.
-    pub fn hold_continuous(&mut self) {
-        self.duty.hold_full(Instant::now());
-    }
-
-    /// Share of the time so far with the programs attached (1 when tracing
-    /// never went to windows).
-    pub fn traced_fraction(&self) -> f64 {
-        self.duty.traced_fraction(Instant::now())
-    }
-
-    /// Opens and closes tracing windows as the load asks; called every few
-    /// tens of milliseconds. An error leaves tracing in a consistent state
-    /// (continuous, or detached until the next try).
-    pub fn regulate(&mut self) -> Result<()> {
-        let runs = self.counter(COUNTER_HOOK_RUNS)?;
-        match self.duty.step(Instant::now(), runs) {
-            Action::Keep => {}
-            Action::Fold { span, gap_before, detach_for, runs_per_second } => {
-                let raw = self.raw_flows()?;
-                self.estimates.fold(&raw, span, gap_before);
-                if let Some(gap) = detach_for {
-                    log::debug!("programs ran {runs_per_second:.0} times/s: detached for {} ms", gap.as_millis());
-                    if let Err(err) = self.detach_all() {
-                        self.duty.give_up_windows();
-                        self.duty.hold_full(Instant::now());
-                        self.attach_all()?;
-                        return Err(err.context("tracing continuously from now on"));
-                    }
-                }
-            }
-            Action::Attach => {
-                self.forget_transmit_predictions();
-                if let Err(err) = self.attach_all() {
-                    let _ = self.detach_all();
-                    self.duty.attach_failed(Instant::now());
-                    return Err(err.context("will try again"));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Tracing ends: folds the last span, so the final counts are complete,
-    /// and detaches. A gap's estimate needs the rate on both sides: ending
-    /// in a gap (or early in a window), a last window of at least 150 ms
-    /// measures the rate at the end rather than assuming the last one held.
+    /// Detaches every program; the maps stay readable for the last report.
     pub fn finish(&mut self) -> Result<()> {
-        const LAST_WINDOW: std::time::Duration = std::time::Duration::from_millis(150);
-        if !self.duty.attached() {
-            self.duty.attach_now(Instant::now(), 0);
-            self.forget_transmit_predictions();
-            if let Err(err) = self.attach_all() {
-                log::warn!("no last window: {err:#}");
-                self.duty.attach_failed(Instant::now());
-            }
-        }
-        if let Some(open) = self.duty.open_window(Instant::now()) {
-            std::thread::sleep(LAST_WINDOW.saturating_sub(open));
-        }
-        let (span, gap_before) = self.duty.finish(Instant::now());
-        let detached = self.detach_all();
-        let raw = self.raw_flows()?;
-        self.estimates.fold(&raw, span, gap_before);
-        detached
-    }
-
-    /// Transmit-latency predictions made before a gap would match unrelated
-    /// packets after it: dropped while the programs are detached.
-    fn forget_transmit_predictions(&mut self) {
-        fn clear<K: aya::Pod>(map: Option<&mut aya::maps::Map>) {
-            let Some(Ok(mut map)) = map.map(aya::maps::HashMap::<_, K, TransmitOrigin>::try_from) else { return };
-            let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
-            for key in keys {
-                let _ = map.remove(&key);
-            }
-        }
-        clear::<TransmitKey>(self.ebpf.map_mut("TRANSMIT_PENDING"));
-        clear::<u64>(self.ebpf.map_mut("SKB_SAMPLES"));
-    }
-
-    fn attach_all(&mut self) -> Result<()> {
-        for index in 0..self.links.len() {
-            let name = self.links[index].0;
-            if self.links[index].1.is_none() {
-                let link = self.program(name)?.attach().with_context(|| format!("attaching {name} again"))?;
-                self.links[index].1 = Some(link);
-            }
-        }
-        Ok(())
-    }
-
-    fn detach_all(&mut self) -> Result<()> {
         let mut result = Ok(());
-        for index in 0..self.links.len() {
-            let name = self.links[index].0;
-            if let Some(link) = self.links[index].1.take() {
-                let detached = self.program(name).and_then(|p| p.detach(link).map_err(Into::into));
-                if let Err(err) = detached {
-                    result = Err(err.context(format!("detaching {name}")));
-                }
+        for (name, link) in std::mem::take(&mut self.links) {
+            let detached = self.program(name).and_then(|p| p.detach(link).map_err(Into::into));
+            if let Err(err) = detached {
+                result = Err(err.context(format!("detaching {name}")));
             }
         }
         result
@@ -288,22 +180,16 @@ impl Tracer {
         self.events.as_raw_fd()
     }
 
-    /// Per-flow counters: exact while tracing continuously, otherwise
-    /// extrapolated from the windows (see [`sampling`]).
-    pub fn flows(&self) -> Result<HashMap<FlowKey, FlowStats>> {
-        let raw = self.raw_flows()?;
-        Ok(self.estimates.flows(&raw, !self.duty.windowed()))
-    }
-
-    /// Per-flow counters as the kernel holds them, summed over CPUs.
-    fn raw_flows(&self) -> Result<HashMap<FlowKey, FlowStats>> {
-        let map: PerCpuHashMap<_, FlowKey, FlowStats> =
-            PerCpuHashMap::try_from(self.ebpf.map("FLOWS").context("FLOWS map missing")?)?;
+    /// Per-path counters, summed over CPUs: exact, since every packet is
+    /// traced.
+    pub fn paths(&self) -> Result<HashMap<PathKey, PathStats>> {
+        let map: PerCpuHashMap<_, PathKey, PathStats> =
+            PerCpuHashMap::try_from(self.ebpf.map("PATHS").context("PATHS map missing")?)?;
         let mut out = HashMap::new();
         for entry in map.iter() {
             // An entry evicted while iterating is simply skipped.
             let Ok((key, per_cpu)) = entry else { continue };
-            let mut total = FlowStats::default();
+            let mut total = PathStats::default();
             for stats in per_cpu.iter() {
                 total.packets += stats.packets;
                 total.bytes += stats.bytes;
@@ -314,7 +200,7 @@ impl Tracer {
         Ok(out)
     }
 
-    /// Routing-table lookups per (flow, mark, table), summed over CPUs.
+    /// Routing-table lookups per (peer, mark, table), summed over CPUs.
     pub fn routes(&self) -> Result<HashMap<RouteKey, RouteStats>> {
         let map: PerCpuHashMap<_, RouteKey, RouteStats> =
             PerCpuHashMap::try_from(self.ebpf.map("ROUTES").context("ROUTES map missing")?)?;
@@ -337,10 +223,22 @@ impl Tracer {
         Ok(out)
     }
 
-    /// Tells the kernel side which devices are tunnels (where plaintext
-    /// packets are timed) and of which implementation, and which ports their
-    /// transport uses (whose routing decisions are recorded), adding new
-    /// ones and removing vanished ones.
+    /// The slot the kernel side counts a peer under.
+    pub fn peer_slot(&self, peer: &PeerId) -> Option<u32> {
+        self.peers.slot(peer)
+    }
+
+    /// The peer behind a slot named by an event.
+    pub fn peer_of_slot(&self, slot: u32) -> Option<&PeerId> {
+        self.peers.peer(slot)
+    }
+
+    /// Tells the kernel side the topology: which devices are tunnels (where
+    /// plaintext packets are timed) and of which implementation, which ports
+    /// tunnels listen on (the bitmap every packet is tested against), and
+    /// which (tunnel socket, endpoint) pairs are known peers (the only
+    /// traffic that is counted). New entries are added, vanished ones
+    /// removed, and every table is bounded by the topology.
     pub fn set_tunnel_devices(&mut self, topology: &Topology) -> Result<()> {
         let mut map: aya::maps::HashMap<_, DeviceKey, u8> =
             aya::maps::HashMap::try_from(self.ebpf.map_mut("TUNNEL_DEVICES").context("TUNNEL_DEVICES map missing")?)?;
@@ -362,16 +260,30 @@ impl Tracer {
         for (key, kind) in wanted {
             map.insert(key, kind, 0).context("updating TUNNEL_DEVICES")?;
         }
-        let mut ports: aya::maps::HashMap<_, u16, u8> =
-            aya::maps::HashMap::try_from(self.ebpf.map_mut("TUNNEL_PORTS").context("TUNNEL_PORTS map missing")?)?;
-        let wanted: std::collections::HashSet<u16> =
-            topology.tunnels.iter().filter_map(|t| t.device.as_ref().map(|d| d.listen_port)).collect();
-        let stale: Vec<u16> = ports.keys().filter_map(Result::ok).filter(|p| !wanted.contains(p)).collect();
-        for port in stale {
-            let _ = ports.remove(&port);
+
+        // Peers before ports: a port's bit is only set once its peers are
+        // known, so the first packets through the gate find them.
+        let wanted = self.peers.update(topology);
+        let mut peers: aya::maps::HashMap<_, PeerKey, u32> =
+            aya::maps::HashMap::try_from(self.ebpf.map_mut("PEERS").context("PEERS map missing")?)?;
+        let stale: Vec<PeerKey> = peers.keys().filter_map(Result::ok).filter(|k| wanted.get(k).is_none()).collect();
+        for key in stale {
+            let _ = peers.remove(&key);
         }
-        for port in wanted {
-            ports.insert(port, 1, 0).context("updating TUNNEL_PORTS")?;
+        for (key, slot) in &wanted {
+            if peers.get(key, 0).ok() != Some(*slot) {
+                peers.insert(key, slot, 0).context("updating PEERS")?;
+            }
+        }
+
+        let bits = peers::port_bitmap(topology);
+        let mut array: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(self.ebpf.map_mut("TUNNEL_PORT_BITS").context("TUNNEL_PORT_BITS map missing")?)?;
+        for (index, (new, old)) in bits.iter().zip(self.port_bits.iter_mut()).enumerate() {
+            if new != old {
+                array.set(index as u32, new, 0).context("updating TUNNEL_PORT_BITS")?;
+                *old = *new;
+            }
         }
         Ok(())
     }

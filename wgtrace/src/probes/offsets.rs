@@ -49,12 +49,25 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
         skb_mark: field("sk_buff", &["mark"])?,
         skb_dev: field("sk_buff", &["dev"])?,
         skb_sk: field("sk_buff", &["sk"])?,
+        skb_len: field("sk_buff", &["len"])?,
+        skb_end: field("sk_buff", &["end"])?,
+        shinfo_gso_size: gso_size_then_segs(btf)?,
+        net_device_type: field("net_device", &["type"])?,
         sock_type: optional(btf, "sock", &["sk_type"]),
         sock_protocol: optional(btf, "sock", &["sk_protocol"]),
         sock_family: optional(btf, "sock", &["__sk_common", "skc_family"]),
         task_nsproxy: field("task_struct", &["nsproxy"])?,
         nsproxy_net: field("nsproxy", &["net_ns"])?,
     })
+}
+
+/// `skb_shared_info.gso_size`, checked to be followed by `gso_segs`: the
+/// programs read both in one go (they have been neighbours since 2.6).
+fn gso_size_then_segs(btf: &Btf) -> Result<u32> {
+    let size = btf.field_offset("skb_shared_info", &["gso_size"])?;
+    let segs = btf.field_offset("skb_shared_info", &["gso_segs"])?;
+    anyhow::ensure!(segs == size + 2, "this kernel's skb_shared_info has gso_segs at {segs}, not after gso_size");
+    Ok(size)
 }
 
 /// A field wgtrace can do without: [`OFFSET_UNAVAILABLE`] when missing, so

@@ -1,0 +1,164 @@
+//! The known peers, as the kernel side counts them: each peer of each
+//! discovered tunnel gets a slot number, and its tunnel socket (namespace,
+//! listen port) plus endpoint name it in the `PEERS` map. Nothing else is
+//! counted, so no one but the topology decides what state exists.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use wgtrace_common::{AF_INET, AF_INET6, PEER_MAP_ENTRIES, PORT_BITMAP_SLOTS, PeerKey};
+
+use crate::topology::Topology;
+
+/// A peer by its tunnel device (namespace inode, ifindex) and public key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PeerId {
+    pub netns: u64,
+    pub ifindex: u32,
+    pub public_key: String,
+}
+
+/// Slot numbers, stable while a peer exists (so its counts continue across
+/// endpoint changes) and never reused (so a new peer never inherits an old
+/// one's paths). Bounded by the topology: a vanished peer's slot is dropped.
+#[derive(Default)]
+pub struct PeerSlots {
+    slots: HashMap<PeerId, u32>,
+    by_slot: HashMap<u32, PeerId>,
+    next: u32,
+    warned_full: bool,
+}
+
+impl PeerSlots {
+    /// Follows `topology`; returns the `PEERS` map's wanted contents.
+    pub fn update(&mut self, topology: &Topology) -> HashMap<PeerKey, u32> {
+        let mut wanted = HashMap::new();
+        let mut present = HashMap::new();
+        for tunnel in &topology.tunnels {
+            let Some(device) = &tunnel.device else { continue };
+            for peer in &device.peers {
+                let id = PeerId { netns: tunnel.netns, ifindex: tunnel.ifindex, public_key: peer.public_key.clone() };
+                if present.len() >= PEER_MAP_ENTRIES as usize {
+                    if !std::mem::replace(&mut self.warned_full, true) {
+                        log::warn!("more than {PEER_MAP_ENTRIES} peers: the rest are not traced");
+                    }
+                    break;
+                }
+                let slot = match self.slots.get(&id) {
+                    Some(slot) => *slot,
+                    None => {
+                        self.next += 1;
+                        self.next
+                    }
+                };
+                if let Some(endpoint) = peer.endpoint {
+                    wanted.insert(peer_key(tunnel.netns, device.listen_port, endpoint), slot);
+                }
+                present.insert(id, slot);
+            }
+        }
+        self.by_slot = present.iter().map(|(id, slot)| (*slot, id.clone())).collect();
+        self.slots = present;
+        wanted
+    }
+
+    pub fn slot(&self, peer: &PeerId) -> Option<u32> {
+        self.slots.get(peer).copied()
+    }
+
+    pub fn peer(&self, slot: u32) -> Option<&PeerId> {
+        self.by_slot.get(&slot)
+    }
+}
+
+/// How packets name a peer: IPv4-mapped endpoints as the IPv4 packets
+/// they really are.
+pub fn peer_key(netns: u64, listen_port: u16, endpoint: SocketAddr) -> PeerKey {
+    let mut key =
+        PeerKey { netns: netns as u32, local_port: listen_port, remote_port: endpoint.port(), ..PeerKey::default() };
+    match endpoint.ip().to_canonical() {
+        IpAddr::V4(v4) => {
+            key.family = AF_INET;
+            key.remote[..4].copy_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            key.family = AF_INET6;
+            key.remote = v6.octets();
+        }
+    }
+    key
+}
+
+/// One bit per port some tunnel listens on, in any namespace.
+pub fn port_bitmap(topology: &Topology) -> Vec<u64> {
+    let mut bits = vec![0u64; PORT_BITMAP_SLOTS as usize];
+    for port in topology.tunnels.iter().filter_map(|t| t.device.as_ref().map(|d| d.listen_port)) {
+        bits[(port >> 6) as usize] |= 1 << (port & 63);
+    }
+    bits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{Device, Implementation, Peer, Tunnel};
+
+    fn tunnel(netns: u64, ifindex: u32, port: u16, peers: &[(&str, Option<&str>)]) -> Tunnel {
+        Tunnel {
+            netns,
+            netns_label: String::new(),
+            daemon_pid: None,
+            interface: format!("wg{ifindex}"),
+            ifindex,
+            implementation: Implementation::Userspace,
+            device: Some(Device {
+                listen_port: port,
+                fwmark: 0,
+                peers: peers
+                    .iter()
+                    .map(|(key, endpoint)| Peer {
+                        public_key: (*key).to_owned(),
+                        endpoint: endpoint.map(|e| e.parse().unwrap()),
+                        ..Peer::default()
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    fn topology(tunnels: Vec<Tunnel>) -> Topology {
+        Topology { tunnels, ..Topology::default() }
+    }
+
+    #[test]
+    fn slots_are_stable_never_reused_and_dropped_with_their_peer() {
+        let mut slots = PeerSlots::default();
+        let a = PeerId { netns: 7, ifindex: 3, public_key: "a".into() };
+        let b = PeerId { netns: 7, ifindex: 3, public_key: "b".into() };
+        let wanted = slots.update(&topology(vec![tunnel(7, 3, 51821, &[("a", Some("10.0.0.1:51821")), ("b", None)])]));
+        assert_eq!(wanted.len(), 1, "a peer without an endpoint has no packets to match");
+        let (slot_a, slot_b) = (slots.slot(&a).unwrap(), slots.slot(&b).unwrap());
+        assert_ne!(slot_a, slot_b);
+        // a's endpoint moves: same slot, new key.
+        let wanted = slots.update(&topology(vec![tunnel(7, 3, 51821, &[("a", Some("10.0.0.9:51821"))])]));
+        assert_eq!(slots.slot(&a), Some(slot_a));
+        assert_eq!(slots.slot(&b), None);
+        assert_eq!(wanted.values().copied().collect::<Vec<_>>(), vec![slot_a]);
+        slots.update(&topology(vec![tunnel(7, 3, 51821, &[("a", None), ("b", None)])]));
+        assert!(slots.slot(&b).unwrap() > slot_b, "b came back as a new peer");
+        assert_eq!(slots.peer(slot_a), Some(&a));
+    }
+
+    #[test]
+    fn mapped_endpoints_are_keyed_as_ipv4_and_ports_set_their_bit() {
+        let key = peer_key(7, 51820, "[::ffff:192.0.2.1]:51821".parse().unwrap());
+        assert_eq!(key, peer_key(7, 51820, "192.0.2.1:51821".parse().unwrap()));
+        assert_eq!(key.family, AF_INET);
+        let bits = port_bitmap(&topology(vec![tunnel(7, 3, 51820, &[]), tunnel(8, 3, 65535, &[])]));
+        assert_eq!(bits[51820 / 64], 1 << (51820 % 64));
+        assert_eq!(bits[1023], 1 << 63);
+        assert_eq!(bits.iter().map(|b| b.count_ones()).sum::<u32>(), 2);
+    }
+}
