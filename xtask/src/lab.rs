@@ -70,6 +70,18 @@ pub struct LabOptions {
     /// comes from WGTRACE_LAB_WIREGUARD=kernel, which `cargo xtask vm-test`
     /// sets inside its VM so the same tests run against both.
     pub kernel: bool,
+    /// The wireguard-go binary to run (None: the one on PATH, bookworm's
+    /// 0.0.20220316 without offloads). The default comes from
+    /// WGTRACE_LAB_WIREGUARD_GO, so the same tests run on both generations;
+    /// `trixie` names the one `cargo xtask setup` unpacks.
+    pub wireguard_go: Option<PathBuf>,
+}
+
+/// The wireguard-go that `WGTRACE_LAB_WIREGUARD_GO` names: a path, or
+/// `trixie` for the one `cargo xtask setup` fetches.
+pub fn wireguard_go_from_env() -> Option<PathBuf> {
+    let value = std::env::var_os("WGTRACE_LAB_WIREGUARD_GO").filter(|v| !v.is_empty())?;
+    Some(if value == "trixie" { crate::setup::trixie_wireguard_go() } else { PathBuf::from(value) })
 }
 
 impl Default for LabOptions {
@@ -80,6 +92,7 @@ impl Default for LabOptions {
             wg0_mark: None,
             full_tunnel: true,
             kernel: std::env::var("WGTRACE_LAB_WIREGUARD").is_ok_and(|v| v == "kernel"),
+            wireguard_go: wireguard_go_from_env(),
         }
     }
 }
@@ -99,6 +112,9 @@ pub struct LabState {
     /// Kernel WireGuard rather than wireguard-go daemons.
     #[serde(default)]
     pub kernel: bool,
+    /// The wireguard-go binary, when not the one on PATH.
+    #[serde(default)]
+    pub wireguard_go: Option<PathBuf>,
 }
 
 fn state_path() -> PathBuf {
@@ -198,8 +214,8 @@ fn uapi_dir(namespace: &str) -> PathBuf {
     Path::new(STATE_DIR).join(namespace).join("wireguard")
 }
 
-fn wg_quick_up(namespace: &str, config: &Path, kernel: bool) -> Result<()> {
-    if kernel {
+fn wg_quick_up(namespace: &str, config: &Path, state: &LabState) -> Result<()> {
+    if state.kernel {
         ns(namespace, &format!("wg-quick up {} 2>&1", config.display()))
             .with_context(|| format!("wg-quick up {} (kernel WireGuard)", config.display()))?;
         return Ok(());
@@ -209,9 +225,10 @@ fn wg_quick_up(namespace: &str, config: &Path, kernel: bool) -> Result<()> {
     ns(
         namespace,
         &format!(
-            "mount --bind {dir} /run/wireguard; WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go \
+            "mount --bind {dir} /run/wireguard; WG_QUICK_USERSPACE_IMPLEMENTATION={implementation} \
              WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wg-quick up {config} 2>&1",
             dir = dir.display(),
+            implementation = state.wireguard_go.as_deref().unwrap_or(Path::new("wireguard-go")).display(),
             config = config.display()
         ),
     )
@@ -257,9 +274,9 @@ fn bring_up_tunnel(spec: &TunnelSpec, options: &LabOptions, state: &mut LabState
         spec.client_port, spec.client_address, spec.endpoint, spec.client_allowed
     );
     let server_config = write_config(spec.server_namespace, spec.name, &server)?;
-    wg_quick_up(spec.server_namespace, &server_config, state.kernel)?;
+    wg_quick_up(spec.server_namespace, &server_config, state)?;
     let client_config = write_config(CLIENT, spec.name, &client)?;
-    wg_quick_up(CLIENT, &client_config, state.kernel)?;
+    wg_quick_up(CLIENT, &client_config, state)?;
     state.public_keys.insert(format!("{CLIENT}/{}", spec.name), client_public);
     state.public_keys.insert(format!("{}/{}", spec.server_namespace, spec.name), server_public);
     Ok(())
@@ -294,8 +311,15 @@ pub fn up(options: &LabOptions) -> Result<()> {
         extras: options.extras,
         wg0_mark: options.wg0_mark.unwrap_or(FULL_TUNNEL_MARK),
         kernel: options.kernel,
+        wireguard_go: options.wireguard_go.clone(),
         ..LabState::default()
     };
+    if let Some(binary) = &state.wireguard_go {
+        anyhow::ensure!(!state.kernel, "--wireguard-go and kernel WireGuard exclude each other");
+        let version = crate::cmd::output(binary.to_str().context("non-UTF-8 wireguard-go path")?, &["--version"])
+            .with_context(|| format!("{} does not run (for trixie's, run `cargo xtask setup`)", binary.display()))?;
+        anyhow::ensure!(version.status.success(), "{} --version failed", binary.display());
+    }
     if !Path::new("/run/wireguard").exists() {
         fs::create_dir_all("/run/wireguard")?;
         state.created_run_wireguard = true;
@@ -524,7 +548,7 @@ pub fn restart_client_daemon(interface: &str) -> Result<()> {
     state.daemons.remove(&key);
     // wg-quick's own teardown ran with the daemon gone: remove what it left.
     let _ = run("ip", &["-n", CLIENT, "link", "del", interface]);
-    wg_quick_up(CLIENT, &config, false)?;
+    wg_quick_up(CLIENT, &config, &state)?;
     find_daemons(&mut state)?;
     save_state(&state)?;
     Ok(())
@@ -580,6 +604,9 @@ pub fn status() -> Result<String> {
     }
     let state = load_state()?;
     let mut out = String::from("lab: up\n");
+    if let Some(binary) = &state.wireguard_go {
+        out.push_str(&format!("  wireguard-go: {}\n", binary.display()));
+    }
     for (name, pid) in &state.daemons {
         let alive = process_alive(*pid);
         out.push_str(&format!("  {name}: wireguard-go pid {pid} {}\n", if alive { "running" } else { "GONE" }));

@@ -103,6 +103,11 @@ enum LabAction {
         /// Leave out wg0, the full tunnel (only partial tunnels remain).
         #[arg(long)]
         no_full_tunnel: bool,
+        /// Run this wireguard-go binary (default: $WGTRACE_LAB_WIREGUARD_GO, else
+        /// the one on PATH). `trixie` is Debian trixie's, with UDP GSO/GRO, as
+        /// `cargo xtask setup` unpacks it.
+        #[arg(long, value_name = "PATH")]
+        wireguard_go: Option<std::path::PathBuf>,
     },
     /// Remove everything the lab made.
     Down,
@@ -260,12 +265,18 @@ fn main() -> Result<()> {
 
 fn lab_command(action: LabAction) -> Result<()> {
     match action {
-        LabAction::Up { delay_ms, extras, wg0_mark, no_full_tunnel } => {
+        LabAction::Up { delay_ms, extras, wg0_mark, no_full_tunnel, wireguard_go } => {
+            let wireguard_go = match wireguard_go {
+                Some(path) if path.as_os_str() == "trixie" => Some(setup::trixie_wireguard_go()),
+                Some(path) => Some(path),
+                None => lab::wireguard_go_from_env(),
+            };
             lab::up(&lab::LabOptions {
                 delay_ms,
                 extras,
                 wg0_mark,
                 full_tunnel: !no_full_tunnel,
+                wireguard_go,
                 ..Default::default()
             })?;
             print!("{}", lab::status()?);

@@ -54,6 +54,7 @@ pub fn setup() -> Result<()> {
     }
     ensure_nightly()?;
     ensure_bpf_linker()?;
+    ensure_trixie_wireguard_go()?;
     mount_if_missing("tracefs", "/sys/kernel/tracing")?;
     mount_if_missing("bpf", "/sys/fs/bpf")?;
     Ok(())
@@ -90,6 +91,75 @@ fn ensure_bpf_linker() -> Result<()> {
         .status()
         .context("running cargo install bpf-linker")?;
     anyhow::ensure!(status.success(), "installing bpf-linker failed");
+    Ok(())
+}
+
+/// Where setup unpacks Debian trixie's wireguard-go (0.0.20231211: UDP
+/// GSO/GRO and TUN offloads, a static binary): the second userspace
+/// generation the lab and the tests run, next to bookworm's
+/// /usr/bin/wireguard-go (no offloads).
+pub const TRIXIE_WIREGUARD_GO_DIR: &str = "/var/cache/wgtrace/wireguard-go-trixie";
+
+/// The trixie wireguard-go binary `setup` installs.
+pub fn trixie_wireguard_go() -> std::path::PathBuf {
+    Path::new(TRIXIE_WIREGUARD_GO_DIR).join("root/usr/bin/wireguard-go")
+}
+
+/// Fetches trixie's wireguard-go with apt pointed at a private sources list,
+/// lists and cache under [`TRIXIE_WIREGUARD_GO_DIR`] (the system's apt
+/// sources and lists are never touched), and unpacks it there with
+/// `dpkg-deb -x`. Nothing is installed system-wide; done once.
+fn ensure_trixie_wireguard_go() -> Result<()> {
+    let binary = trixie_wireguard_go();
+    if output(binary.to_str().unwrap_or_default(), &["--version"]).is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    if !(unsafe { libc::geteuid() } == 0 && have("apt-get") && have("dpkg-deb")) {
+        eprintln!("setup: trixie's wireguard-go is missing; run `cargo xtask setup` as root on Debian to fetch it");
+        return Ok(());
+    }
+    eprintln!("setup: fetching Debian trixie's wireguard-go into {TRIXIE_WIREGUARD_GO_DIR}");
+    let base = Path::new(TRIXIE_WIREGUARD_GO_DIR);
+    let apt = base.join("apt");
+    for dir in ["lists/partial", "cache/archives/partial", "sources.list.d", "download"] {
+        std::fs::create_dir_all(apt.join(dir)).with_context(|| format!("creating {}", apt.join(dir).display()))?;
+    }
+    let sources = apt.join("sources.list");
+    std::fs::write(&sources, "deb http://deb.debian.org/debian trixie main\n")?;
+    let options = [
+        format!("Dir::Etc::SourceList={}", sources.display()),
+        format!("Dir::Etc::SourceParts={}", apt.join("sources.list.d").display()),
+        format!("Dir::State::Lists={}", apt.join("lists").display()),
+        format!("Dir::Cache={}", apt.join("cache").display()),
+        "APT::Get::List-Cleanup=0".to_owned(),
+        "Acquire::Languages=none".to_owned(),
+    ];
+    let apt_get = |args: &[&str]| -> Result<()> {
+        let mut command = std::process::Command::new("apt-get");
+        for option in &options {
+            command.args(["-o", option]);
+        }
+        let status = command
+            .args(args)
+            .current_dir(apt.join("download"))
+            .status()
+            .with_context(|| format!("running apt-get {}", args.join(" ")))?;
+        anyhow::ensure!(status.success(), "apt-get {} (trixie, private lists) failed", args.join(" "));
+        Ok(())
+    };
+    apt_get(&["update", "-q"])?;
+    apt_get(&["download", "-q", "wireguard-go"])?;
+    let package = std::fs::read_dir(apt.join("download"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .max()
+        .context("apt-get download left no wireguard-go .deb")?;
+    let root = base.join("root");
+    run("dpkg-deb", &["-x", package.to_str().context("non-UTF-8 path")?, root.to_str().context("non-UTF-8 path")?])?;
+    let version = output(binary.to_str().unwrap_or_default(), &["--version"])
+        .with_context(|| format!("running {}", binary.display()))?;
+    eprintln!("setup: {}", String::from_utf8_lossy(&version.stdout).lines().next().unwrap_or("wireguard-go unpacked"));
     Ok(())
 }
 
