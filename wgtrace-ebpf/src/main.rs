@@ -438,11 +438,6 @@ fn wire_counts(packet: &Packet, udp_length: u32) -> (u64, u64) {
 fn on_udp(packet: &Packet) -> Result<(), ()> {
     let udp = &packet.l4_bytes;
     let udp_length = u16::from_be_bytes([udp[4], udp[5]]) as u32;
-    let mut prefix = [0u8; HEADER_PREFIX_LEN];
-    prefix.copy_from_slice(&udp[8..8 + HEADER_PREFIX_LEN]);
-    let Some(message) = wire::classify(&prefix, udp_length.wrapping_sub(8)) else {
-        return Ok(());
-    };
     let netns = netns_of_device(packet.dev);
     let source_port = u16::from_be_bytes([udp[0], udp[1]]);
     let destination_port = u16::from_be_bytes([udp[2], udp[3]]);
@@ -458,6 +453,17 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
     // Only a known tunnel socket talking to a known endpoint goes on.
     let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
         return Ok(());
+    };
+    // Everything between a tunnel's socket and its peer's endpoint is that
+    // tunnel's WireGuard traffic, and counted. The message itself may not be
+    // readable here: a GSO skb can keep its payload in page fragments, past
+    // the linear headers. Handshakes (small, linear) always are.
+    let mut prefix = [0u8; HEADER_PREFIX_LEN];
+    prefix.copy_from_slice(&udp[8..8 + HEADER_PREFIX_LEN]);
+    let message = wire::classify(&prefix, udp_length.wrapping_sub(8));
+    let message_type = match message {
+        Some(message) => message.message_type,
+        None => 0,
     };
     let ifindex: u32 = load(packet.dev, offset!(net_device_ifindex));
     let key = PathKey {
@@ -503,8 +509,8 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
         }
     };
     let payload_length = udp_length.wrapping_sub(8);
-    if message.message_type == wire::MESSAGE_TRANSPORT_DATA {
-        if egress {
+    if message_type == wire::MESSAGE_TRANSPORT_DATA || message_type == 0 {
+        if egress && message_type != 0 {
             follow_transmit(packet.skb, netns, &key, payload_length, packet.ip_length, now);
         }
         if !new_path {
@@ -512,14 +518,18 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
         }
     }
     let mut event = PacketEvent {
-        kind: if message.message_type == wire::MESSAGE_TRANSPORT_DATA { EVENT_NEW_FLOW } else { EVENT_HANDSHAKE },
-        message_type: message.message_type,
+        kind: if message_type == wire::MESSAGE_TRANSPORT_DATA || message_type == 0 {
+            EVENT_NEW_FLOW
+        } else {
+            EVENT_HANDSHAKE
+        },
+        message_type,
         timestamp_ns: now,
         path: key,
         netns,
         length: payload_length,
-        sender: message.sender,
-        receiver: message.receiver,
+        sender: message.map_or(0, |m| m.sender),
+        receiver: message.map_or(0, |m| m.receiver),
         ..PacketEvent::default()
     };
     device_name(packet.dev, &mut event.ifname);

@@ -75,6 +75,9 @@ pub struct LabOptions {
     /// WGTRACE_LAB_WIREGUARD_GO, so the same tests run on both generations;
     /// `trixie` names the one `cargo xtask setup` unpacks.
     pub wireguard_go: Option<PathBuf>,
+    /// Bring wg1 up already fixed (FwMark = wg0's mark in its config), so it
+    /// never rides inside wg0.
+    pub wg1_fixed: bool,
 }
 
 /// The wireguard-go that `WGTRACE_LAB_WIREGUARD_GO` names: a path, or
@@ -93,6 +96,7 @@ impl Default for LabOptions {
             full_tunnel: true,
             kernel: std::env::var("WGTRACE_LAB_WIREGUARD").is_ok_and(|v| v == "kernel"),
             wireguard_go: wireguard_go_from_env(),
+            wg1_fixed: false,
         }
     }
 }
@@ -267,6 +271,9 @@ fn bring_up_tunnel(spec: &TunnelSpec, options: &LabOptions, state: &mut LabState
              PostUp = ip -4 rule add not fwmark {mark} table {mark}; ip -4 rule add table main suppress_prefixlength 0; \
              ip -6 rule add not fwmark {mark} table {mark}; ip -6 rule add table main suppress_prefixlength 0\n"
         );
+    }
+    if spec.name == "wg1" && options.wg1_fixed {
+        client_extra = format!("FwMark = {}\n", options.wg0_mark.unwrap_or(FULL_TUNNEL_MARK));
     }
     let client = format!(
         "[Interface]\nPrivateKey = {client_private}\nListenPort = {}\nAddress = {}\n{client_extra}\n\

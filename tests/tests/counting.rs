@@ -1,0 +1,91 @@
+//! Counting checked against WireGuard's own counters (`wg show wg1
+//! transfer`) under bulk TCP over the fixed wg1: every packet is traced, so
+//! wgtrace's UDP payload bytes match WireGuard's tx/rx bytes, and a GSO skb
+//! counts as the wire packets it carries. Run on bookworm's wireguard-go (one
+//! skb per packet), trixie's (UDP GSO/GRO: one skb, many packets) and, in
+//! `cargo xtask vm-test`, kernel WireGuard.
+
+use std::{
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use wgtrace_tests::{LabGuard, Trace, client_peer, lab, privileged_or_skip};
+
+/// (rx, tx) bytes of wg1's only peer, as WireGuard counts them.
+fn wg1_transfer() -> (u64, u64) {
+    let text = lab::client_wg("wg1", &["show", "wg1", "transfer"]).unwrap();
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "one peer: {text}");
+    (fields[1].parse().unwrap(), fields[2].parse().unwrap())
+}
+
+/// iperf3 from the client to wg1's far end for `seconds`.
+fn bulk_tcp_over_wg1(seconds: u32) {
+    let status = Command::new("ip")
+        .args(["netns", "exec", lab::CLIENT, "iperf3", "--connect-timeout", "3000", "-c", lab::WG1_REMOTE])
+        .args(["-t", &seconds.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "iperf3 over wg1 failed");
+}
+
+fn counts_match(test: &str, options: lab::LabOptions) {
+    if !privileged_or_skip(test) {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions { wg1_fixed: true, ..options }).unwrap();
+    let mut server =
+        Command::new("ip").args(["netns", "exec", lab::ROUTER, "iperf3", "-s"]).stdout(Stdio::null()).spawn().unwrap();
+    thread::sleep(Duration::from_millis(500));
+    // The lab is idle now: WireGuard's counters move only with what follows.
+    let (rx_before, tx_before) = wg1_transfer();
+    let trace = Trace::start(9.0, &[]).unwrap();
+    thread::sleep(Duration::from_millis(2000)); // attached, topology known
+    bulk_tcp_over_wg1(4);
+    thread::sleep(Duration::from_millis(500));
+    let (rx_after, tx_after) = wg1_transfer();
+    let report = trace.report().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let transport = &client_peer(&report, "wg1")["transport"];
+    assert_eq!(transport["egress_interface"], "c0", "{report:#}");
+    assert_eq!(report["traced_fraction"], 1.0);
+    let (tx, rx) = (tx_after - tx_before, rx_after - rx_before);
+    let bytes = transport["bytes"].as_u64().unwrap();
+    let packets = transport["packets"].as_u64().unwrap();
+    let received = transport["received_bytes"].as_u64().unwrap();
+    let within = |ours: u64, theirs: u64| (ours as f64 - theirs as f64).abs() <= theirs as f64 * 0.01;
+    assert!(tx > 10_000_000, "bulk TCP moved only {tx} bytes");
+    assert!(within(bytes, tx), "sent: wgtrace {bytes} bytes in {packets} packets, WireGuard {tx}");
+    assert!(within(received, rx), "received: wgtrace {received} bytes, WireGuard {rx}");
+    // Full-size data messages are at most the wire MTU's UDP payload: more
+    // bytes per packet would mean skbs counted, not wire packets.
+    let per_packet = bytes as f64 / packets as f64;
+    assert!((1000.0..=1472.0).contains(&per_packet), "{bytes} bytes in {packets} packets: {per_packet:.0} per packet");
+    println!("{test}: tx {bytes} vs {tx}, rx {received} vs {rx}, {packets} packets ({per_packet:.0} bytes each)");
+}
+
+/// Bookworm's wireguard-go on the host, kernel WireGuard in the VM.
+#[test]
+fn bulk_tcp_counts_match_wireguards_own_counters() {
+    counts_match(
+        "bulk_tcp_counts_match_wireguards_own_counters",
+        lab::LabOptions { delay_ms: 0, ..Default::default() },
+    );
+}
+
+/// Trixie's wireguard-go: UDP GSO sends many wire packets per skb.
+#[test]
+fn bulk_tcp_counts_match_with_gso_wireguard_go() {
+    let options = lab::LabOptions { delay_ms: 0, ..Default::default() };
+    if options.kernel {
+        println!("kernel WireGuard lab: the wireguard-go generations run on the host");
+        return;
+    }
+    let options = lab::LabOptions { wireguard_go: Some(xtask::setup::trixie_wireguard_go()), ..options };
+    counts_match("bulk_tcp_counts_match_with_gso_wireguard_go", options);
+}
