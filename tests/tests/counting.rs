@@ -89,3 +89,28 @@ fn bulk_tcp_counts_match_with_gso_wireguard_go() {
     let options = lab::LabOptions { wireguard_go: Some(xtask::setup::trixie_wireguard_go()), ..options };
     counts_match("bulk_tcp_counts_match_with_gso_wireguard_go", options);
 }
+
+/// Tracing never pauses: a handshake in the middle of a bulk transfer is
+/// still seen, both messages, and timed.
+#[test]
+fn a_handshake_under_full_bulk_load_is_timed() {
+    if !privileged_or_skip("a_handshake_under_full_bulk_load_is_timed") {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions { delay_ms: 0, wg1_fixed: true, ..Default::default() }).unwrap();
+    let mut server =
+        Command::new("ip").args(["netns", "exec", lab::ROUTER, "iperf3", "-s"]).stdout(Stdio::null()).spawn().unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let trace = Trace::start(9.0, &[]).unwrap();
+    thread::sleep(Duration::from_millis(2000));
+    let bulk = thread::spawn(|| bulk_tcp_over_wg1(5));
+    thread::sleep(Duration::from_millis(2000)); // at full rate now
+    lab::rekey("wg1").unwrap();
+    bulk.join().unwrap();
+    let report = trace.report().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let handshake = &client_peer(&report, "wg1")["latency"]["handshake_rtt_us"];
+    assert!(handshake["count"].as_u64().unwrap() >= 1, "the handshake under load was timed: {handshake:#}");
+    assert_eq!(report["events_lost"], 0);
+}
