@@ -16,7 +16,7 @@ use crate::vm::{self, VmOptions};
 /// The test binaries (tests/tests/*.rs) that run inside the VM. Latency
 /// thresholds assume real hardware, so that suite stays on the host; under
 /// software emulation every packet is much slower.
-pub const SUITES: &[&str] = &["nesting", "check", "kernel"];
+pub const SUITES: &[&str] = &["nesting", "check", "kernel", "counting"];
 
 /// Builds the test binaries and returns their paths by suite name.
 fn test_binaries(workspace: &Path) -> Result<Vec<(String, PathBuf)>> {
