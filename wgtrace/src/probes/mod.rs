@@ -266,7 +266,7 @@ impl Tracer {
         let wanted = self.peers.update(topology);
         let mut peers: aya::maps::HashMap<_, PeerKey, u32> =
             aya::maps::HashMap::try_from(self.ebpf.map_mut("PEERS").context("PEERS map missing")?)?;
-        let stale: Vec<PeerKey> = peers.keys().filter_map(Result::ok).filter(|k| wanted.get(k).is_none()).collect();
+        let stale: Vec<PeerKey> = peers.keys().filter_map(Result::ok).filter(|k| !wanted.contains_key(k)).collect();
         for key in stale {
             let _ = peers.remove(&key);
         }
