@@ -18,7 +18,7 @@ use crate::{
     latency::{self, LatencyTracker},
     probes::{Event, Tracer},
     report::{self, Report, RouteLookups},
-    topology::{Scope, Topology},
+    topology::{Discoverer, Scope, Topology},
 };
 
 pub struct RunOptions {
@@ -40,7 +40,6 @@ struct Session {
     tracer: Tracer,
     latency: LatencyTracker,
     topology: Topology,
-    scope: Scope,
     started: Instant,
     /// Set when transport packets arrived and no verdict was logged yet.
     awaiting_first_verdict: bool,
@@ -48,9 +47,9 @@ struct Session {
 }
 
 impl Session {
-    /// Rediscovers tunnels, so new ones are timed and vanished ones dropped.
-    fn refresh_topology(&mut self) -> Result<()> {
-        let topology = Topology::discover(&self.scope)?;
+    /// Takes a newer topology, so new tunnels are timed and vanished ones
+    /// dropped.
+    fn apply_topology(&mut self, topology: Topology) -> Result<()> {
         // New tunnels, endpoints, marks or rules are when transport takes a
         // new path: trace its first packets continuously.
         if topology.fingerprint() != self.topology.fingerprint() {
@@ -156,15 +155,20 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tracer,
         latency: LatencyTracker::new(),
         topology: Topology::default(),
-        scope: options.scope,
         started,
         awaiting_first_verdict: false,
         first_verdict_logged: false,
     };
-    session.refresh_topology()?;
+    // The first discovery is bounded (every daemon and netlink answer has a
+    // deadline) and a signal meanwhile is queued for the loop below.
+    let mut discoverer = Discoverer::new(options.scope);
+    session.apply_topology(discoverer.discover()?)?;
     if options.drop_privileges {
         crate::privileges::drop_to_tracing_only()?;
     }
+    // Spawned after the drop, so the discovery thread has no more
+    // capabilities than the rest of the process.
+    let mut topologies = spawn_discovery(discoverer, options.interval)?;
     session.tracer.trace_in_windows(options.max_traced_rate)?;
     // Serving starts with a report, so the first scrape has data. The run
     // loop only ever publishes (never waits) to the HTTP side.
@@ -193,8 +197,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 guard.clear_ready();
                 session.log_first_verdict()?;
             }
+            Ok(()) = topologies.changed() => {
+                let topology = topologies.borrow_and_update().clone();
+                session.apply_topology(topology)?;
+            }
             _ = ticker.tick() => {
-                session.refresh_topology()?;
                 session.drain_events();
                 if live || publisher.is_some() {
                     let report = session.report()?;
@@ -228,7 +235,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         log::warn!("ending the trace: {err:#}; the report follows regardless");
     }
     session.drain_events();
-    session.refresh_topology()?;
+    // The newest topology the discovery thread has, without waiting for it.
+    if topologies.has_changed().unwrap_or(false) {
+        let topology = topologies.borrow_and_update().clone();
+        session.apply_topology(topology)?;
+    }
     let mut report = session.report()?;
     if options.probe {
         latency::probe_nested(&mut report.tunnels, &session.topology);
@@ -239,4 +250,38 @@ pub async fn run(options: RunOptions) -> Result<()> {
         print!("{}", report::render(&report, &session.tracer.hooks));
     }
     Ok(())
+}
+
+/// Rediscovers every `interval` on a thread of its own, so that no process
+/// on the host (a daemon that drips its answer, a namespace that hangs) can
+/// hold up tracing, the live view or the final report. The trace loop reads
+/// the newest snapshot without ever waiting for one.
+fn spawn_discovery(mut discoverer: Discoverer, interval: Duration) -> Result<tokio::sync::watch::Receiver<Topology>> {
+    let (sender, receiver) = tokio::sync::watch::channel(Topology::default());
+    // The receiver starts out "seen": only new snapshots wake the loop.
+    let mut receiver = receiver;
+    receiver.mark_unchanged();
+    std::thread::Builder::new()
+        .name("wgtrace-discovery".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(interval);
+                match discoverer.discover() {
+                    Ok(topology) => {
+                        failing = false;
+                        if sender.send(topology).is_err() {
+                            return; // the run is over
+                        }
+                    }
+                    // Keep the last snapshot; say so once per outage.
+                    Err(err) if !std::mem::replace(&mut failing, true) => {
+                        log::warn!("discovering tunnels: {err:#}; keeping the last view");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .context("starting the discovery thread")?;
+    Ok(receiver)
 }

@@ -13,10 +13,12 @@ pub mod uapi;
 pub mod wgquick;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     fs,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -98,66 +100,10 @@ pub enum Scope {
 }
 
 impl Topology {
+    /// One discovery, as `wgtrace check` does it. `wgtrace run` keeps a
+    /// [`Discoverer`] on a thread of its own instead.
     pub fn discover(scope: &Scope) -> Result<Self> {
-        let own_netns = netns::own_inode()?;
-        let mut candidates = netns::discover();
-        match scope {
-            Scope::All => {}
-            Scope::Current => candidates.retain(|inode, _| *inode == own_netns),
-            Scope::Named(name) => {
-                candidates.retain(|_, ns| ns.name.as_deref() == Some(name));
-                anyhow::ensure!(!candidates.is_empty(), "no network namespace named {name} (see `ip netns list`)");
-            }
-        }
-        let daemons = userspace_daemons();
-        let mut topology = Topology { own_netns, ..Self::default() };
-        for (inode, ns) in candidates {
-            let label = ns.label(own_netns);
-            let handle = ns.handle.clone();
-            // A namespace can vanish between listing and entering it: that is
-            // normal operation, so it is skipped quietly.
-            let Ok((links, rules_v4, rules_v6, mut kernel_devices)) = netns::run_in(&ns.handle, || {
-                let mut socket = netlink::Socket::route()?;
-                let links = socket.links()?;
-                let kernel_devices = read_kernel_devices(&links);
-                Ok((links, socket.rules(netlink::AF_INET)?, socket.rules(netlink::AF_INET6)?, kernel_devices))
-            }) else {
-                continue;
-            };
-            for link in &links {
-                let daemon = daemons.get(&(inode, link.name.clone())).copied();
-                let implementation = match (&link.kind, daemon) {
-                    (Some(kind), _) if kind == "wireguard" => Implementation::Kernel,
-                    (_, Some(_)) => Implementation::Userspace,
-                    _ => continue,
-                };
-                let device = match (&implementation, daemon) {
-                    (Implementation::Userspace, Some(pid)) => read_userspace_device(pid, &link.name),
-                    _ => kernel_devices
-                        .remove(&link.name)
-                        .unwrap_or_else(|| Err(anyhow::anyhow!("no generic netlink answer for {}", link.name))),
-                };
-                let device = match device {
-                    Ok(device) => Some(device),
-                    Err(err) => {
-                        log::warn!("{label}/{}: {err:#}", link.name);
-                        None
-                    }
-                };
-                topology.tunnels.push(Tunnel {
-                    netns: inode,
-                    netns_label: label.clone(),
-                    interface: link.name.clone(),
-                    ifindex: link.index,
-                    implementation,
-                    daemon_pid: daemon,
-                    device,
-                });
-            }
-            topology.namespaces.insert(inode, Namespace { label, links, rules_v4, rules_v6, handle });
-        }
-        topology.tunnels.sort_by(|a, b| (&a.netns_label, &a.interface).cmp(&(&b.netns_label, &b.interface)));
-        Ok(topology)
+        Discoverer::new(scope.clone()).discover()
     }
 
     /// Changes when a tunnel, peer, endpoint, mark or policy rule does
@@ -210,6 +156,208 @@ impl Topology {
     }
 }
 
+/// Retry a daemon that missed its deadline after 2, 4, 8 ... seconds, at most
+/// this long.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// A daemon that failed to answer: when to ask it again.
+struct Backoff {
+    failures: u32,
+    retry_at: Instant,
+}
+
+/// Discovery that remembers between rounds: which processes hold TUN
+/// devices (the /proc scan is redone only when the set of TUN links
+/// changes), which daemons are backing off, and what was already logged.
+pub struct Discoverer {
+    scope: Scope,
+    /// (netns inode, interface) -> PID holding that TUN device.
+    tun_holders: HashMap<(u64, String), u32>,
+    /// The TUN links (netns, ifindex, name) `tun_holders` was scanned for.
+    tun_links: BTreeSet<(u64, u32, String)>,
+    backoff: HashMap<(u32, String), Backoff>,
+    /// UAPI queries still running past their deadline (a hostile mount can
+    /// stall a path walk): never a second one for the same daemon.
+    in_flight: Arc<Mutex<HashSet<(u32, String)>>>,
+    /// The last problem logged per tunnel, so each is logged once.
+    logged: HashMap<(u64, String), String>,
+    /// `--netns NAME` was found once: its vanishing is then not an error.
+    named_seen: bool,
+    named_gone_logged: bool,
+}
+
+impl Discoverer {
+    pub fn new(scope: Scope) -> Self {
+        Self {
+            scope,
+            tun_holders: HashMap::new(),
+            tun_links: BTreeSet::new(),
+            backoff: HashMap::new(),
+            in_flight: Arc::default(),
+            logged: HashMap::new(),
+            named_seen: false,
+            named_gone_logged: false,
+        }
+    }
+
+    pub fn discover(&mut self) -> Result<Topology> {
+        let own_netns = netns::own_inode()?;
+        let mut candidates = netns::discover();
+        match &self.scope {
+            Scope::All => {}
+            Scope::Current => candidates.retain(|inode, _| *inode == own_netns),
+            Scope::Named(name) => {
+                candidates.retain(|_, ns| ns.name.as_deref() == Some(name));
+                if candidates.is_empty() {
+                    anyhow::ensure!(self.named_seen, "no network namespace named {name} (see `ip netns list`)");
+                    if !std::mem::replace(&mut self.named_gone_logged, true) {
+                        log::warn!("network namespace {name} is gone: its tunnels are left out from now on");
+                    }
+                } else {
+                    self.named_seen = true;
+                    self.named_gone_logged = false;
+                }
+            }
+        }
+        let mut topology = Topology { own_netns, ..Topology::default() };
+        let mut found = Vec::new();
+        for (inode, ns) in candidates {
+            let label = ns.label(own_netns);
+            let handle = ns.handle.clone();
+            // A namespace can vanish between listing and entering it: that is
+            // normal operation, so it is skipped quietly.
+            let Ok((links, rules_v4, rules_v6, kernel_devices)) = netns::run_in(&ns.handle, || {
+                let mut socket = netlink::Socket::route()?;
+                let links = socket.links()?;
+                let kernel_devices = read_kernel_devices(&links);
+                Ok((links, socket.rules(netlink::AF_INET)?, socket.rules(netlink::AF_INET6)?, kernel_devices))
+            }) else {
+                continue;
+            };
+            found.push((inode, label.clone(), links.clone(), kernel_devices));
+            topology.namespaces.insert(inode, Namespace { label, links, rules_v4, rules_v6, handle });
+        }
+        let tun_links: BTreeSet<(u64, u32, String)> = found
+            .iter()
+            .flat_map(|(inode, _, links, _)| {
+                links.iter().filter(|l| l.kind.as_deref() == Some("tun")).map(|l| (*inode, l.index, l.name.clone()))
+            })
+            .collect();
+        if tun_links != self.tun_links {
+            // A TUN device appeared or went: only then is /proc worth a scan.
+            self.tun_holders = tun_holders();
+            self.tun_links = tun_links;
+        }
+        // Userspace daemons are asked in parallel, each within its deadline.
+        let mut queries = Vec::new();
+        for (inode, _, links, _) in &found {
+            for link in links {
+                let Some(&pid) = self.tun_holders.get(&(*inode, link.name.clone())) else { continue };
+                // A TUN holder without a UAPI socket is no WireGuard daemon
+                // (the socket may also not be there yet: asked again next round).
+                if !matches!(uapi::open_socket(pid, &link.name), Ok(Some(_))) {
+                    continue;
+                }
+                queries.push((*inode, link.name.clone(), pid, self.ask_daemon(pid, &link.name)));
+            }
+        }
+        let mut userspace: HashMap<(u64, String), (u32, Result<Device>)> = HashMap::new();
+        for (inode, interface, pid, answer) in queries {
+            let result = match answer {
+                Ok(receiver) => receiver
+                    .recv_timeout(uapi::DEADLINE + Duration::from_millis(500))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the UAPI query did not end in time"))),
+                Err(err) => Err(err),
+            };
+            self.note_answer(pid, &interface, result.is_ok());
+            userspace.insert((inode, interface), (pid, result));
+        }
+        for (inode, label, links, mut kernel_devices) in found {
+            for link in &links {
+                let (implementation, daemon, device) = if link.kind.as_deref() == Some("wireguard") {
+                    let device = kernel_devices
+                        .remove(&link.name)
+                        .unwrap_or_else(|| Err(anyhow::anyhow!("no generic netlink answer for {}", link.name)));
+                    (Implementation::Kernel, None, device)
+                } else if let Some((pid, device)) = userspace.remove(&(inode, link.name.clone())) {
+                    (Implementation::Userspace, Some(pid), device)
+                } else {
+                    continue;
+                };
+                let device = match device {
+                    Ok(device) => {
+                        self.logged.remove(&(inode, link.name.clone()));
+                        Some(device)
+                    }
+                    Err(err) => {
+                        let message = format!("{label}/{}: {err:#}", link.name);
+                        if self.logged.insert((inode, link.name.clone()), message.clone()).as_ref() != Some(&message) {
+                            log::warn!("{message}");
+                        }
+                        None
+                    }
+                };
+                topology.tunnels.push(Tunnel {
+                    netns: inode,
+                    netns_label: label.clone(),
+                    interface: link.name.clone(),
+                    ifindex: link.index,
+                    implementation,
+                    daemon_pid: daemon,
+                    device,
+                });
+            }
+        }
+        topology.tunnels.sort_by(|a, b| (&a.netns_label, &a.interface).cmp(&(&b.netns_label, &b.interface)));
+        Ok(topology)
+    }
+
+    /// Starts a UAPI query on its own thread, unless the daemon is backing
+    /// off or its last query is still running.
+    fn ask_daemon(&self, pid: u32, interface: &str) -> Result<std::sync::mpsc::Receiver<Result<Device>>> {
+        let key = (pid, interface.to_owned());
+        if let Some(backoff) = self.backoff.get(&key)
+            && backoff.retry_at > Instant::now()
+        {
+            anyhow::bail!(
+                "unreadable: its UAPI socket failed {} time(s); asking again in {} s",
+                backoff.failures,
+                backoff.retry_at.saturating_duration_since(Instant::now()).as_secs().max(1)
+            );
+        }
+        if !self.in_flight.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(key.clone()) {
+            anyhow::bail!("unreadable: its previous UAPI query is still stuck");
+        }
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let in_flight = Arc::clone(&self.in_flight);
+        std::thread::Builder::new()
+            .name("wgtrace-uapi".into())
+            .spawn(move || {
+                let _ = sender.send(uapi::get(key.0, &key.1));
+                if let Ok(mut in_flight) = in_flight.lock() {
+                    in_flight.remove(&key);
+                }
+            })
+            .context("starting a UAPI query")?;
+        Ok(receiver)
+    }
+
+    fn note_answer(&mut self, pid: u32, interface: &str, answered: bool) {
+        let key = (pid, interface.to_owned());
+        if answered {
+            self.backoff.remove(&key);
+            return;
+        }
+        let now = Instant::now();
+        let backoff = self.backoff.entry(key).or_insert(Backoff { failures: 0, retry_at: now });
+        if backoff.retry_at <= now {
+            backoff.failures += 1;
+            let delay = Duration::from_secs(1 << backoff.failures.min(6)).min(MAX_BACKOFF);
+            backoff.retry_at = now + delay;
+        }
+    }
+}
+
 /// Kernel WireGuard devices among `links`, read over generic netlink in the
 /// calling thread's namespace. The family is only asked for when such a link
 /// exists: asking for an unregistered family makes the kernel try to load
@@ -233,17 +381,11 @@ fn read_kernel_devices(links: &[Link]) -> HashMap<String, Result<Device>> {
     }
 }
 
-fn read_userspace_device(pid: u32, interface: &str) -> Result<Device> {
-    let socket = uapi::socket_path(pid, interface)
-        .with_context(|| format!("no UAPI socket for {interface} under /proc/{pid}/root/run/wireguard"))?;
-    uapi::get(&socket)
-}
-
 /// (netns inode, interface name) -> PID of the process holding that TUN
-/// device: userspace WireGuard daemons (and any other TUN user, which the
-/// UAPI socket check then filters out).
-fn userspace_daemons() -> HashMap<(u64, String), u32> {
-    let mut daemons = HashMap::new();
+/// device (`/proc/PID/fdinfo` names it): userspace WireGuard daemons, and any
+/// other TUN user, which has no UAPI socket.
+fn tun_holders() -> HashMap<(u64, String), u32> {
+    let mut holders = HashMap::new();
     for pid in netns::pids() {
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
         for fd in fds.flatten() {
@@ -257,15 +399,12 @@ fn userspace_daemons() -> HashMap<(u64, String), u32> {
             else {
                 continue;
             };
-            if uapi::socket_path(pid, &interface).is_none() {
-                continue;
-            }
             if let Ok(inode) = netns::inode_of(&PathBuf::from(format!("/proc/{pid}/ns/net"))) {
-                daemons.insert((inode, interface), pid);
+                holders.insert((inode, interface), pid);
             }
         }
     }
-    daemons
+    holders
 }
 
 /// Parses `ADDR/LEN` (or a bare address, as a host prefix).

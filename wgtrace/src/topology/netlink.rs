@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use zeroize::Zeroizing;
 
 const NETLINK_ROUTE: i32 = 0;
 const NLMSG_ERROR: u16 = 2;
@@ -108,9 +109,10 @@ pub struct Socket {
     sequence: u32,
 }
 
-/// A received netlink message payload, zeroed when dropped: generic netlink
-/// replies (WireGuard's) carry private and preshared keys.
-pub(crate) struct ZeroOnDrop(Vec<u8>);
+/// A received netlink message payload, wiped when dropped (the `zeroize`
+/// crate): generic netlink replies (WireGuard's) carry private and preshared
+/// keys.
+pub(crate) struct ZeroOnDrop(Zeroizing<Vec<u8>>);
 
 impl Deref for ZeroOnDrop {
     type Target = [u8];
@@ -120,15 +122,12 @@ impl Deref for ZeroOnDrop {
     }
 }
 
-impl Drop for ZeroOnDrop {
-    fn drop(&mut self) {
-        for byte in self.0.iter_mut() {
-            // SAFETY: an exclusive reference to an initialised byte. Volatile,
-            // because plain stores right before a free may be optimised away.
-            unsafe { std::ptr::write_volatile(byte, 0) };
-        }
-    }
-}
+/// A netlink request and its whole answer must fit in this: the kernel
+/// answers in microseconds, so only a stuck namespace gets near it.
+pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+/// And in this many bytes (a dump of a namespace's links or rules, or one
+/// WireGuard device with thousands of peers, is far smaller).
+pub const MAX_ANSWER: usize = 32 << 20;
 
 impl Socket {
     /// Opens a NETLINK_ROUTE socket in the calling thread's namespace.
@@ -144,7 +143,20 @@ impl Socket {
             return Err(io::Error::last_os_error()).context("opening a netlink socket");
         }
         // SAFETY: fd is a fresh, valid descriptor.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, sequence: 1 })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Every recv is bounded; `request` bounds the whole answer.
+        let timeout = libc::timeval { tv_sec: DEADLINE.as_secs() as libc::time_t, tv_usec: 0 };
+        // SAFETY: setsockopt with a timeval we own, of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        Ok(Self { fd, sequence: 1 })
     }
 
     pub(crate) fn request(&mut self, message_type: u16, flags: u16, body: &[u8]) -> Result<Vec<(u16, ZeroOnDrop)>> {
@@ -164,12 +176,22 @@ impl Socket {
             return Err(io::Error::last_os_error()).context("sending a netlink request");
         }
         let mut replies = Vec::new();
-        let mut buffer = ZeroOnDrop(vec![0u8; 1 << 16]);
+        let mut buffer = ZeroOnDrop(Zeroizing::new(vec![0u8; 1 << 16]));
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let mut total = 0usize;
         loop {
             // SAFETY: receiving into a buffer we own, within its length.
             let received = unsafe { libc::recv(self.fd.as_raw_fd(), buffer.0.as_mut_ptr().cast(), buffer.len(), 0) };
             if received < 0 {
-                return Err(io::Error::last_os_error()).context("reading a netlink reply");
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EINTR) && std::time::Instant::now() < deadline {
+                    continue;
+                }
+                return Err(err).context("reading a netlink reply");
+            }
+            total += received as usize;
+            if total > MAX_ANSWER || std::time::Instant::now() > deadline {
+                bail!("a netlink answer larger than {} MiB or slower than {} s", MAX_ANSWER >> 20, DEADLINE.as_secs());
             }
             let mut done = flags & NLM_F_DUMP != NLM_F_DUMP;
             for (kind, sequence, payload) in split_messages(&buffer[..received as usize]) {
@@ -187,7 +209,7 @@ impl Socket {
                         }
                         done = true;
                     }
-                    _ => replies.push((kind, ZeroOnDrop(payload.to_vec()))),
+                    _ => replies.push((kind, ZeroOnDrop(Zeroizing::new(payload.to_vec())))),
                 }
             }
             if done {
