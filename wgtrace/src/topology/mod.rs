@@ -166,6 +166,19 @@ struct Backoff {
     retry_at: Instant,
 }
 
+/// A daemon not asked this round: it missed its deadline or failed before,
+/// and is asked again later (the error then was logged).
+#[derive(Debug)]
+struct BackingOff(u32);
+
+impl std::fmt::Display for BackingOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unreadable: its UAPI socket failed {} time(s) in a row; asked again later", self.0)
+    }
+}
+
+impl std::error::Error for BackingOff {}
+
 /// Discovery that remembers between rounds: which processes hold TUN
 /// devices (the /proc scan is redone only when the set of TUN links
 /// changes), which daemons are backing off, and what was already logged.
@@ -269,7 +282,9 @@ impl Discoverer {
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("the UAPI query did not end in time"))),
                 Err(err) => Err(err),
             };
-            self.note_answer(pid, &interface, result.is_ok());
+            if !result.as_ref().is_err_and(|err| err.downcast_ref::<BackingOff>().is_some()) {
+                self.note_answer(pid, &interface, result.is_ok());
+            }
             userspace.insert((inode, interface), (pid, result));
         }
         for (inode, label, links, mut kernel_devices) in found {
@@ -289,6 +304,8 @@ impl Discoverer {
                         self.logged.remove(&(inode, link.name.clone()));
                         Some(device)
                     }
+                    // Backing off repeats the last error, already logged.
+                    Err(err) if err.downcast_ref::<BackingOff>().is_some() => None,
                     Err(err) => {
                         let message = format!("{label}/{}: {err:#}", link.name);
                         if self.logged.insert((inode, link.name.clone()), message.clone()).as_ref() != Some(&message) {
@@ -319,11 +336,7 @@ impl Discoverer {
         if let Some(backoff) = self.backoff.get(&key)
             && backoff.retry_at > Instant::now()
         {
-            anyhow::bail!(
-                "unreadable: its UAPI socket failed {} time(s); asking again in {} s",
-                backoff.failures,
-                backoff.retry_at.saturating_duration_since(Instant::now()).as_secs().max(1)
-            );
+            return Err(anyhow::Error::new(BackingOff(backoff.failures)));
         }
         if !self.in_flight.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(key.clone()) {
             anyhow::bail!("unreadable: its previous UAPI query is still stuck");
@@ -350,11 +363,8 @@ impl Discoverer {
         }
         let now = Instant::now();
         let backoff = self.backoff.entry(key).or_insert(Backoff { failures: 0, retry_at: now });
-        if backoff.retry_at <= now {
-            backoff.failures += 1;
-            let delay = Duration::from_secs(1 << backoff.failures.min(6)).min(MAX_BACKOFF);
-            backoff.retry_at = now + delay;
-        }
+        backoff.failures += 1;
+        backoff.retry_at = now + Duration::from_secs(1 << backoff.failures.min(6)).min(MAX_BACKOFF);
     }
 }
 
