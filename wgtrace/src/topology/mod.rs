@@ -6,6 +6,7 @@
 //! their UAPI socket in their own mount namespace. Kernel WireGuard devices
 //! are recognised by their rtnetlink kind.
 
+pub mod access;
 pub mod genl;
 pub mod netlink;
 pub mod netns;
@@ -14,7 +15,6 @@ pub mod wgquick;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    fs,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -24,6 +24,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
+pub use access::Privileged;
 use netlink::{Link, Rule};
 pub use netns::Netns;
 
@@ -81,6 +82,10 @@ pub struct Namespace {
     pub rules_v4: Vec<Rule>,
     pub rules_v6: Vec<Rule>,
     pub handle: PathBuf,
+    /// A route socket inside this namespace for [`Topology::route_get`],
+    /// kept open across discoveries (one per namespace, never a setns per
+    /// question; it also works after the privilege drop).
+    pub route_socket: Option<Arc<Mutex<netlink::Socket>>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -151,7 +156,12 @@ impl Topology {
 
     /// Asks the kernel, inside `netns`, where a UDP packet would go.
     pub fn route_get(&self, netns: u64, query: netlink::UdpQuery) -> Result<netlink::RouteAnswer> {
-        let handle = self.namespaces.get(&netns).context("namespace vanished")?.handle.clone();
+        let namespace = self.namespaces.get(&netns).context("namespace vanished")?;
+        if let Some(socket) = &namespace.route_socket {
+            let mut socket = socket.lock().map_err(|_| anyhow::anyhow!("route socket poisoned"))?;
+            return socket.route_get(&query);
+        }
+        let handle = namespace.handle.clone();
         netns::run_in(&handle, move || netlink::Socket::route()?.route_get(&query))
     }
 }
@@ -184,6 +194,9 @@ impl std::error::Error for BackingOff {}
 /// changes), which daemons are backing off, and what was already logged.
 pub struct Discoverer {
     scope: Scope,
+    access: Arc<dyn Privileged>,
+    /// Sockets inside each namespace seen, kept while it is listed.
+    sockets: HashMap<u64, NamespaceSockets>,
     /// (netns inode, interface) -> PID holding that TUN device.
     tun_holders: HashMap<(u64, String), u32>,
     /// The TUN links (netns, ifindex, name) `tun_holders` was scanned for.
@@ -199,10 +212,30 @@ pub struct Discoverer {
     named_gone_logged: bool,
 }
 
+/// One namespace's netlink sockets. Holding them keeps the namespace (and
+/// so its inode number) alive until it is no longer listed.
+struct NamespaceSockets {
+    /// Link and rule dumps.
+    dumps: netlink::Socket,
+    /// Route questions from the report (shared with the topology).
+    oracle: Arc<Mutex<netlink::Socket>>,
+    /// Kernel WireGuard, opened once such a link is seen.
+    wireguard: Option<genl::Wireguard>,
+}
+
 impl Discoverer {
+    /// Discovery with this process's own privileges.
     pub fn new(scope: Scope) -> Self {
+        Self::with_access(scope, Arc::new(access::Direct))
+    }
+
+    /// Discovery whose privileged steps go through `access` (the privilege
+    /// separation helper after `--drop-privileges`).
+    pub fn with_access(scope: Scope, access: Arc<dyn Privileged>) -> Self {
         Self {
             scope,
+            access,
+            sockets: HashMap::new(),
             tun_holders: HashMap::new(),
             tun_links: BTreeSet::new(),
             backoff: HashMap::new(),
@@ -215,7 +248,8 @@ impl Discoverer {
 
     pub fn discover(&mut self) -> Result<Topology> {
         let own_netns = netns::own_inode()?;
-        let mut candidates = netns::discover();
+        let mut candidates: BTreeMap<u64, Netns> =
+            self.access.namespaces()?.into_iter().map(|ns| (ns.inode, ns)).collect();
         match &self.scope {
             Scope::All => {}
             Scope::Current => candidates.retain(|inode, _| *inode == own_netns),
@@ -234,21 +268,19 @@ impl Discoverer {
         }
         let mut topology = Topology { own_netns, ..Topology::default() };
         let mut found = Vec::new();
+        self.sockets.retain(|inode, _| candidates.contains_key(inode));
         for (inode, ns) in candidates {
             let label = ns.label(own_netns);
-            let handle = ns.handle.clone();
             // A namespace can vanish between listing and entering it: that is
             // normal operation, so it is skipped quietly.
-            let Ok((links, rules_v4, rules_v6, kernel_devices)) = netns::run_in(&ns.handle, || {
-                let mut socket = netlink::Socket::route()?;
-                let links = socket.links()?;
-                let kernel_devices = read_kernel_devices(&links);
-                Ok((links, socket.rules(netlink::AF_INET)?, socket.rules(netlink::AF_INET6)?, kernel_devices))
-            }) else {
+            let Ok((links, rules_v4, rules_v6, kernel_devices, oracle)) = self.read_namespace(&ns) else {
+                self.sockets.remove(&inode);
                 continue;
             };
             found.push((inode, label.clone(), links.clone(), kernel_devices));
-            topology.namespaces.insert(inode, Namespace { label, links, rules_v4, rules_v6, handle });
+            let namespace =
+                Namespace { label, links, rules_v4, rules_v6, handle: ns.handle.clone(), route_socket: Some(oracle) };
+            topology.namespaces.insert(inode, namespace);
         }
         let tun_links: BTreeSet<(u64, u32, String)> = found
             .iter()
@@ -258,7 +290,12 @@ impl Discoverer {
             .collect();
         if tun_links != self.tun_links {
             // A TUN device appeared or went: only then is /proc worth a scan.
-            self.tun_holders = tun_holders();
+            self.tun_holders = self
+                .access
+                .tun_holders()?
+                .into_iter()
+                .map(|holder| ((holder.netns, holder.interface), holder.pid))
+                .collect();
             self.tun_links = tun_links;
         }
         // Userspace daemons are asked in parallel, each within its deadline.
@@ -266,11 +303,6 @@ impl Discoverer {
         for (inode, _, links, _) in &found {
             for link in links {
                 let Some(&pid) = self.tun_holders.get(&(*inode, link.name.clone())) else { continue };
-                // A TUN holder without a UAPI socket is no WireGuard daemon
-                // (the socket may also not be there yet: asked again next round).
-                if !matches!(uapi::open_socket(pid, &link.name), Ok(Some(_))) {
-                    continue;
-                }
                 queries.push((*inode, link.name.clone(), pid, self.ask_daemon(pid, &link.name)));
             }
         }
@@ -280,6 +312,13 @@ impl Discoverer {
                 Ok(receiver) => receiver
                     .recv_timeout(uapi::DEADLINE + Duration::from_millis(500))
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("the UAPI query did not end in time"))),
+                Err(err) => Err(err),
+            };
+            // A TUN holder without a UAPI socket is no WireGuard daemon (or
+            // its socket is not there yet: asked again next round).
+            let result = match result {
+                Ok(None) => continue,
+                Ok(Some(device)) => Ok(device),
                 Err(err) => Err(err),
             };
             if !result.as_ref().is_err_and(|err| err.downcast_ref::<BackingOff>().is_some()) {
@@ -331,7 +370,7 @@ impl Discoverer {
 
     /// Starts a UAPI query on its own thread, unless the daemon is backing
     /// off or its last query is still running.
-    fn ask_daemon(&self, pid: u32, interface: &str) -> Result<std::sync::mpsc::Receiver<Result<Device>>> {
+    fn ask_daemon(&self, pid: u32, interface: &str) -> Result<std::sync::mpsc::Receiver<Result<Option<Device>>>> {
         let key = (pid, interface.to_owned());
         if let Some(backoff) = self.backoff.get(&key)
             && backoff.retry_at > Instant::now()
@@ -343,16 +382,73 @@ impl Discoverer {
         }
         let (sender, receiver) = std::sync::mpsc::channel();
         let in_flight = Arc::clone(&self.in_flight);
+        let access = Arc::clone(&self.access);
         std::thread::Builder::new()
             .name("wgtrace-uapi".into())
             .spawn(move || {
-                let _ = sender.send(uapi::get(key.0, &key.1));
+                let (pid, interface) = (key.0, key.1.as_str());
+                let deadline = Instant::now() + uapi::DEADLINE;
+                let answer = access.uapi_socket(pid, interface, uapi::DEADLINE).and_then(|socket| match socket {
+                    Some(socket) => uapi::query(&socket, deadline)
+                        .map(Some)
+                        .with_context(|| format!("UAPI socket of {interface} (PID {pid})")),
+                    None => Ok(None),
+                });
+                let _ = sender.send(answer);
                 if let Ok(mut in_flight) = in_flight.lock() {
                     in_flight.remove(&key);
                 }
             })
             .context("starting a UAPI query")?;
         Ok(receiver)
+    }
+
+    /// Links, rules and kernel WireGuard devices of one namespace, over
+    /// the sockets kept for it (opened on first sight).
+    #[allow(clippy::type_complexity)]
+    fn read_namespace(
+        &mut self,
+        ns: &Netns,
+    ) -> Result<(Vec<Link>, Vec<Rule>, Vec<Rule>, HashMap<String, Result<Device>>, Arc<Mutex<netlink::Socket>>)> {
+        let sockets = match self.sockets.entry(ns.inode) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let open = || self.access.netns_socket(&ns.handle, ns.inode, netlink::NETLINK_ROUTE);
+                entry.insert(NamespaceSockets {
+                    dumps: netlink::Socket::from_fd(open()?),
+                    oracle: Arc::new(Mutex::new(netlink::Socket::from_fd(open()?))),
+                    wireguard: None,
+                })
+            }
+        };
+        let links = sockets.dumps.links()?;
+        let rules_v4 = sockets.dumps.rules(netlink::AF_INET)?;
+        let rules_v6 = sockets.dumps.rules(netlink::AF_INET6)?;
+        let names: Vec<&str> =
+            links.iter().filter(|l| l.kind.as_deref() == Some("wireguard")).map(|l| l.name.as_str()).collect();
+        let mut kernel_devices = HashMap::new();
+        if !names.is_empty() {
+            // Asked only once such a link exists: asking for an unregistered
+            // family makes the kernel try to load its module.
+            if sockets.wireguard.is_none() {
+                let socket = self.access.netns_socket(&ns.handle, ns.inode, netlink::NETLINK_GENERIC);
+                match socket.and_then(|fd| genl::Wireguard::with_socket(netlink::Socket::from_fd(fd))) {
+                    Ok(Some(wireguard)) => sockets.wireguard = Some(wireguard),
+                    Ok(None) => {
+                        let reason = "the wireguard generic netlink family is not registered";
+                        kernel_devices = names.iter().map(|n| (n.to_string(), Err(anyhow::anyhow!(reason)))).collect();
+                    }
+                    Err(err) => {
+                        let text = format!("{err:#}");
+                        kernel_devices = names.iter().map(|n| (n.to_string(), Err(anyhow::anyhow!("{text}")))).collect();
+                    }
+                }
+            }
+            if let Some(wireguard) = &mut sockets.wireguard {
+                kernel_devices = names.into_iter().map(|n| (n.to_owned(), wireguard.device(n))).collect();
+            }
+        }
+        Ok((links, rules_v4, rules_v6, kernel_devices, Arc::clone(&sockets.oracle)))
     }
 
     fn note_answer(&mut self, pid: u32, interface: &str, answered: bool) {
@@ -366,55 +462,6 @@ impl Discoverer {
         backoff.failures += 1;
         backoff.retry_at = now + Duration::from_secs(1 << backoff.failures.min(6)).min(MAX_BACKOFF);
     }
-}
-
-/// Kernel WireGuard devices among `links`, read over generic netlink in the
-/// calling thread's namespace. The family is only asked for when such a link
-/// exists: asking for an unregistered family makes the kernel try to load
-/// its module.
-fn read_kernel_devices(links: &[Link]) -> HashMap<String, Result<Device>> {
-    let names: Vec<&str> =
-        links.iter().filter(|l| l.kind.as_deref() == Some("wireguard")).map(|l| l.name.as_str()).collect();
-    if names.is_empty() {
-        return HashMap::new();
-    }
-    match genl::Wireguard::open() {
-        Ok(Some(mut wireguard)) => names.into_iter().map(|n| (n.to_owned(), wireguard.device(n))).collect(),
-        Ok(None) => names
-            .into_iter()
-            .map(|n| (n.to_owned(), Err(anyhow::anyhow!("the wireguard generic netlink family is not registered"))))
-            .collect(),
-        Err(err) => {
-            let text = format!("{err:#}");
-            names.into_iter().map(|n| (n.to_owned(), Err(anyhow::anyhow!("{text}")))).collect()
-        }
-    }
-}
-
-/// (netns inode, interface name) -> PID of the process holding that TUN
-/// device (`/proc/PID/fdinfo` names it): userspace WireGuard daemons, and any
-/// other TUN user, which has no UAPI socket.
-fn tun_holders() -> HashMap<(u64, String), u32> {
-    let mut holders = HashMap::new();
-    for pid in netns::pids() {
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
-        for fd in fds.flatten() {
-            if fs::read_link(fd.path()).ok().as_deref() != Some(std::path::Path::new("/dev/net/tun")) {
-                continue;
-            }
-            let fdinfo = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()));
-            let Some(interface) = fdinfo
-                .ok()
-                .and_then(|info| info.lines().find_map(|l| l.strip_prefix("iff:").map(|v| v.trim().to_owned())))
-            else {
-                continue;
-            };
-            if let Ok(inode) = netns::inode_of(&PathBuf::from(format!("/proc/{pid}/ns/net"))) {
-                holders.insert((inode, interface), pid);
-            }
-        }
-    }
-    holders
 }
 
 /// Parses `ADDR/LEN` (or a bare address, as a host prefix).

@@ -12,7 +12,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use zeroize::Zeroizing;
 
-const NETLINK_ROUTE: i32 = 0;
+pub const NETLINK_ROUTE: i32 = 0;
+pub const NETLINK_GENERIC: i32 = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -104,6 +105,7 @@ pub struct UdpQuery {
     pub mark: u32,
 }
 
+#[derive(Debug)]
 pub struct Socket {
     fd: OwnedFd,
     sequence: u32,
@@ -137,13 +139,12 @@ impl Socket {
 
     /// Opens a netlink socket of `protocol` in the calling thread's namespace.
     pub fn open(protocol: i32) -> Result<Self> {
-        // SAFETY: plain socket(2); the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error()).context("opening a netlink socket");
-        }
-        // SAFETY: fd is a fresh, valid descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self::from_fd(open_raw(protocol)?))
+    }
+
+    /// A netlink socket opened elsewhere (it stays in the namespace it was
+    /// opened in), such as one the privileged helper passed over.
+    pub fn from_fd(fd: OwnedFd) -> Self {
         // Every recv is bounded; `request` bounds the whole answer.
         let timeout = libc::timeval { tv_sec: DEADLINE.as_secs() as libc::time_t, tv_usec: 0 };
         // SAFETY: setsockopt with a timeval we own, of the size passed.
@@ -156,7 +157,7 @@ impl Socket {
                 size_of::<libc::timeval>() as libc::socklen_t,
             )
         };
-        Ok(Self { fd, sequence: 1 })
+        Self { fd, sequence: 1 }
     }
 
     pub(crate) fn request(&mut self, message_type: u16, flags: u16, body: &[u8]) -> Result<Vec<(u16, ZeroOnDrop)>> {
@@ -265,6 +266,17 @@ impl Socket {
         };
         parse_route_answer(payload).context("unreadable route reply")
     }
+}
+
+/// A bare netlink socket of `protocol` in the calling thread's namespace.
+pub fn open_raw(protocol: i32) -> Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("opening a netlink socket");
+    }
+    // SAFETY: fd is a fresh, valid descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 pub(crate) fn push_attribute(buffer: &mut Vec<u8>, kind: u16, value: &[u8]) {
