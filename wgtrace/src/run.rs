@@ -3,6 +3,7 @@
 
 use std::{
     io::{IsTerminal as _, Write as _},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -18,7 +19,7 @@ use crate::{
     latency::{self, LatencyTracker},
     probes::{Event, Tracer},
     report::{self, Report, RouteLookups},
-    topology::{Discoverer, Scope, Topology},
+    topology::{Discoverer, Privileged, Scope, Topology},
 };
 
 pub struct RunOptions {
@@ -28,7 +29,9 @@ pub struct RunOptions {
     pub scope: Scope,
     /// Send ICMP echoes along both paths of each nested tunnel (`--probe`).
     pub probe: bool,
-    /// Give up every capability tracing no longer needs once attached.
+    /// Privilege separation: a privileged helper for discovery, and this
+    /// process user nobody without CAP_SYS_ADMIN, CAP_BPF or CAP_PERFMON
+    /// once attached (see `privileges`).
     pub drop_privileges: bool,
     /// Serve Prometheus metrics on this address (`--prometheus`).
     pub prometheus: Option<std::net::SocketAddr>,
@@ -147,6 +150,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // end in a clean exit and report, not the default action.
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    // The privileged helper starts before anything is attached, while this
+    // process is still whole and single-threaded.
+    let helper = match options.drop_privileges {
+        true => Some(Arc::new(crate::privileges::helper::Client::spawn()?)),
+        false => None,
+    };
     let tracer = Tracer::start()?;
     for hook in &tracer.hooks {
         log::info!("hook {}: {}", hook.name, if hook.active { "active" } else { "inactive" });
@@ -161,11 +170,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
     };
     // The first discovery is bounded (every daemon and netlink answer has a
     // deadline) and a signal meanwhile is queued for the loop below.
-    let mut discoverer = Discoverer::new(options.scope);
-    session.apply_topology(discoverer.discover()?)?;
-    if options.drop_privileges {
-        crate::privileges::drop_to_tracing_only()?;
+    let mut discoverer = match &helper {
+        Some(helper) => Discoverer::with_access(options.scope, Arc::clone(helper) as Arc<dyn Privileged>),
+        None => Discoverer::new(options.scope),
+    };
+    if let Some(helper) = &helper {
+        crate::privileges::drop_after_attach()?;
+        log::info!("privileged helper: PID {}", helper.pid());
     }
+    session.apply_topology(discoverer.discover()?)?;
     // Spawned after the drop, so the discovery thread has no more
     // capabilities than the rest of the process.
     let mut topologies = spawn_discovery(discoverer, options.interval)?;
@@ -231,6 +244,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     // Stop serving metrics: the server and its connections are dropped.
     drop(publisher);
+    // Discovery is over: the newest snapshot is taken below.
+    if let Some(helper) = &helper {
+        helper.end();
+    }
     if let Err(err) = session.tracer.finish() {
         log::warn!("ending the trace: {err:#}; the report follows regardless");
     }

@@ -100,9 +100,8 @@ fn tun_devices_of(pid: u32) -> Vec<TunHolder> {
             continue;
         }
         let fdinfo = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()));
-        if let Some(interface) = fdinfo
-            .ok()
-            .and_then(|info| info.lines().find_map(|l| l.strip_prefix("iff:").map(|v| v.trim().to_owned())))
+        if let Some(interface) =
+            fdinfo.ok().and_then(|info| info.lines().find_map(|l| l.strip_prefix("iff:").map(|v| v.trim().to_owned())))
         {
             found.push(TunHolder { netns, interface, pid });
         }

@@ -440,7 +440,8 @@ impl Discoverer {
                     }
                     Err(err) => {
                         let text = format!("{err:#}");
-                        kernel_devices = names.iter().map(|n| (n.to_string(), Err(anyhow::anyhow!("{text}")))).collect();
+                        kernel_devices =
+                            names.iter().map(|n| (n.to_string(), Err(anyhow::anyhow!("{text}")))).collect();
                     }
                 }
             }
