@@ -144,6 +144,15 @@ impl Session {
 
 pub async fn run(options: RunOptions) -> Result<()> {
     let started = Instant::now();
+    // Replies of hostile daemons (up to uapi::MAX_REPLY each, on threads of
+    // their own) must not ratchet up the heap: with a fixed threshold glibc
+    // maps large buffers on their own and returns them on free, instead of
+    // raising the threshold and keeping them in per-thread arenas.
+    // SAFETY: mallopt with integer arguments, before any other thread exists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10)
+    };
     // Bound before tracing starts, so a taken port fails fast.
     let exporter = options.prometheus.map(Exporter::bind).transpose()?;
     // Handlers first: a signal that arrives once programs are attached must
