@@ -91,8 +91,21 @@ fn dropped_privileges_still_trace() {
     use wgtrace_tests::{LabGuard, Trace, Traffic, client_peer, lab};
     let _lab = LabGuard::up(&lab::LabOptions::default()).unwrap();
     let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
-    let trace = Trace::start(12.0, &["--drop-privileges", "-v"]).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(3000));
+    let trace = Trace::start(
+        if std::env::var_os("WGTRACE_LAB_WIREGUARD").is_some() { 40.0 } else { 12.0 },
+        &["--drop-privileges", "-v"],
+    )
+    .unwrap();
+    // Attaching takes a while (much longer under emulation in the VM); the
+    // drop follows it, then discovery starts.
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(format!("/proc/{}/status", trace.pid()))
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.contains("65534")))
+    {
+        assert!(started.elapsed().as_secs() < 60, "the tracer never became nobody");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500));
     // The tracer: every thread (the discovery thread and UAPI queries too).
     let credentials = thread_credentials(trace.pid());
     let threads: std::collections::BTreeSet<_> = credentials.iter().map(|(t, _, _)| t.clone()).collect();

@@ -278,7 +278,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Rediscovers every `interval` on a thread of its own, so that no process
+/// Rediscovers on a thread of its own, at once when a namespace's links or
+/// rules change and every `interval` anyway, so that no process
 /// on the host (a daemon that drips its answer, a namespace that hangs) can
 /// hold up tracing, the live view or the final report. The trace loop reads
 /// the newest snapshot without ever waiting for one.
@@ -292,7 +293,11 @@ fn spawn_discovery(mut discoverer: Discoverer, interval: Duration) -> Result<tok
         .spawn(move || {
             let mut failing = false;
             loop {
-                std::thread::sleep(interval);
+                // Link and rule changes wake it at once; everything else
+                // (new namespaces, daemons' configuration) is polled.
+                if discoverer.wait(interval) {
+                    log::debug!("a link or rule changed: rediscovering now");
+                }
                 match discoverer.discover() {
                     Ok(topology) => {
                         failing = false;

@@ -221,6 +221,8 @@ struct NamespaceSockets {
     oracle: Arc<Mutex<netlink::Socket>>,
     /// Kernel WireGuard, opened once such a link is seen.
     wireguard: Option<genl::Wireguard>,
+    /// Subscribed to link and rule notifications ([`Discoverer::wait`]).
+    changes: Option<std::os::fd::OwnedFd>,
 }
 
 impl Discoverer {
@@ -414,10 +416,16 @@ impl Discoverer {
             std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
             std::collections::hash_map::Entry::Vacant(entry) => {
                 let open = || self.access.netns_socket(&ns.handle, ns.inode, netlink::NETLINK_ROUTE);
+                // Without notifications discovery still happens every interval.
+                let changes = open().and_then(|fd| netlink::subscribe(fd, netlink::CHANGE_GROUPS));
+                if let Err(err) = &changes {
+                    log::debug!("{}: no change notifications: {err:#}", ns.handle.display());
+                }
                 entry.insert(NamespaceSockets {
                     dumps: netlink::Socket::from_fd(open()?),
                     oracle: Arc::new(Mutex::new(netlink::Socket::from_fd(open()?))),
                     wireguard: None,
+                    changes: changes.ok(),
                 })
             }
         };
@@ -450,6 +458,42 @@ impl Discoverer {
             }
         }
         Ok((links, rules_v4, rules_v6, kernel_devices, Arc::clone(&sockets.oracle)))
+    }
+
+    /// Waits until a namespace seen in the last discovery reports a link or
+    /// rule change, or `timeout` passes (namespaces, daemons and their
+    /// configuration change without notifications, so `wgtrace run` still
+    /// rediscovers every interval). Whether a change woke it.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let mut fds: Vec<libc::pollfd> = self
+            .sockets
+            .values()
+            .filter_map(|s| s.changes.as_ref())
+            .map(|fd| libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(fd), events: libc::POLLIN, revents: 0 })
+            .collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            // SAFETY: poll over pollfds we own, for their number.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, left.as_millis() as i32 + 1) };
+            if n > 0 {
+                // Let a burst (wg-quick adds several rules) settle, then drain.
+                std::thread::sleep(Duration::from_millis(20));
+                let mut changed = false;
+                for socket in self.sockets.values().filter_map(|s| s.changes.as_ref()) {
+                    changed |= netlink::drain(socket);
+                }
+                if changed {
+                    return true;
+                }
+            } else if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                std::thread::sleep(left);
+                return false;
+            }
+        }
     }
 
     fn note_answer(&mut self, pid: u32, interface: &str, answered: bool) {

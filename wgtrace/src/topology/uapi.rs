@@ -309,16 +309,6 @@ pub fn query(socket: &OwnedFd, deadline: Instant) -> Result<Device> {
     parse(text)
 }
 
-/// Reads the configuration of `interface` from the daemon `pid` that holds
-/// its TUN device, within [`DEADLINE`].
-pub fn get(pid: u32, interface: &str) -> Result<Device> {
-    let deadline = Instant::now() + DEADLINE;
-    let path = open_socket(pid, interface)?
-        .with_context(|| format!("no UAPI socket for {interface} under /proc/{pid}/root/run/wireguard"))?;
-    let socket = connect_checked(&path, pid, deadline).with_context(|| format!("UAPI socket of {interface}"))?;
-    query(&socket, deadline).with_context(|| format!("UAPI socket of {interface} (PID {pid})"))
-}
-
 /// Parses a `get=1` reply. The private key and preshared keys are skipped,
 /// never stored.
 pub fn parse(text: &str) -> Result<Device> {
@@ -418,6 +408,27 @@ errno=0\n\n";
         assert!(parse("endpoint=1.2.3.4:5\n").is_err(), "endpoint before peer");
         assert!(parse("public_key=abc\n").is_err());
         assert!(parse("garbage\n").is_err());
+    }
+
+    #[test]
+    fn interface_names_are_one_path_component() {
+        for good in ["wg0", "nb-other", "a.b"] {
+            assert!(valid_interface(good), "{good}");
+        }
+        for bad in ["", ".", "..", "../../etc", "wg0/x", "a\0b", "sixteen-chars-xx"] {
+            assert!(!valid_interface(bad), "{bad:?}");
+        }
+        assert!(open_socket(std::process::id(), "../../x").is_err());
+    }
+
+    #[test]
+    fn the_secret_buffer_keeps_its_bytes_across_growth() {
+        let mut buffer = SecretBuffer::default();
+        for chunk in 0..100u8 {
+            buffer.extend(&[chunk; 1000]);
+        }
+        assert_eq!(buffer.0.len(), 100_000);
+        assert!(buffer.0.chunks(1000).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
     }
 
     #[test]
