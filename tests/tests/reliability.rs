@@ -139,3 +139,20 @@ fn tracing_follows_tunnels_and_daemons_as_they_come_and_go() {
     );
     assert_eq!(report["events_lost"], 0);
 }
+
+#[test]
+fn link_notifications_find_a_new_tunnel_long_before_the_next_interval() {
+    if !privileged_or_skip("link_notifications_find_a_new_tunnel_long_before_the_next_interval") {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions { delay_ms: 0, ..Default::default() }).unwrap();
+    let _wg1 = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    // Polling alone would not look again within the run.
+    let trace = Trace::start(10.0, &["--interval", "60"]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    lab::add_tunnel("wg2").unwrap();
+    let _wg2 = Traffic::ping(lab::WG2_REMOTE).unwrap();
+    let report = trace.report().unwrap();
+    let wg2 = client_peer(&report, "wg2");
+    assert_eq!(wg2["nested_in"], "wg1", "wg2's link notification started a discovery: {wg2:#}");
+}

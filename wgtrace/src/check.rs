@@ -38,7 +38,8 @@ pub enum Severity {
 #[derive(Clone, Debug, Serialize)]
 pub struct Finding {
     pub severity: Severity,
-    /// `nested`, `routing_loop`, `no_route`, `no_bypass_mark`, `mark_overlap`, `unreadable`.
+    /// `nested`, `routing_loop`, `no_route`, `no_bypass_mark`, `mark_overlap`, `unreadable`,
+    /// `unknown_key` (a misspelt or misplaced key in a `--config` file).
     pub kind: &'static str,
     pub netns: String,
     pub interface: Option<String>,
@@ -57,9 +58,11 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    /// 0 healthy, 1 problems found, 2 could not check everything.
+    /// 0 healthy, 1 problems found, 2 could not check everything. A tunnel
+    /// whose configuration could not be read is not a problem found but
+    /// one not checked (`unreadable` findings make `complete` false).
     pub fn exit_code(&self) -> u8 {
-        if self.findings.iter().any(|f| f.severity >= Severity::Warning) {
+        if self.findings.iter().any(|f| f.severity >= Severity::Warning && f.kind != "unreadable") {
             1
         } else if !self.complete {
             2
@@ -72,9 +75,14 @@ impl CheckReport {
 pub fn check(options: &CheckOptions) -> Result<CheckReport> {
     let mut topology = Topology::discover(&options.scope)?;
     let mut privilege_notes = privilege_notes();
+    let mut config_findings = Vec::new();
     if let Some(path) = &options.config {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        // Wiped on every path: the file holds the private key.
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        );
         let config = wgquick::parse(&text).with_context(|| format!("parsing {}", path.display()))?;
+        config_findings = config.unknown_keys.clone();
         let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "config".into());
         anyhow::ensure!(
             !topology.tunnels.iter().any(|t| t.netns == topology.own_netns && t.interface == name),
@@ -90,7 +98,16 @@ pub fn check(options: &CheckOptions) -> Result<CheckReport> {
             device: Some(config.device),
         });
     }
-    let mut findings = Vec::new();
+    let mut findings: Vec<Finding> = config_findings
+        .into_iter()
+        .map(|message| Finding {
+            severity: Severity::Warning,
+            kind: "unknown_key",
+            netns: topology.netns_label(topology.own_netns),
+            interface: options.config.as_ref().and_then(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()),
+            message: format!("{message}: wg-quick would refuse this file"),
+        })
+        .collect();
     let mut tunnels = Vec::new();
     for tunnel in &topology.tunnels {
         let Some(device) = &tunnel.device else {

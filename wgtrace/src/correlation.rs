@@ -498,6 +498,7 @@ mod tests {
             ],
             rules_v6: vec![],
             handle: "/proc/self/ns/net".into(),
+            ..Namespace::default()
         };
         Topology {
             own_netns: NS,

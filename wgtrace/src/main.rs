@@ -60,9 +60,12 @@ header read and one bit test (docs/performance.md).")]
         /// Nothing is sent without this flag.
         #[arg(long)]
         probe: bool,
-        /// Once attached, give up every capability but CAP_NET_ADMIN,
-        /// CAP_NET_RAW, CAP_SYS_PTRACE and CAP_SYS_ADMIN (no more BPF loading).
-        #[arg(long)]
+        /// Privilege separation: once attached, wgtrace becomes user nobody
+        /// with only CAP_NET_ADMIN and CAP_NET_RAW (no CAP_SYS_ADMIN, CAP_BPF
+        /// or CAP_PERFMON: it cannot load BPF or enter namespaces); a small
+        /// root helper that parses nothing enters namespaces and finds
+        /// daemons for it. Not with --probe.
+        #[arg(long, conflicts_with = "probe")]
         drop_privileges: bool,
         /// Serve Prometheus metrics at http://ADDR/metrics while tracing
         /// (OpenMetrics or text format 0.0.4, as the scraper asks), until
@@ -109,6 +112,10 @@ fn seconds(value: f64, what: &str) -> Result<Duration> {
 }
 
 fn main() -> std::process::ExitCode {
+    // `run --drop-privileges` re-executes wgtrace as its privileged helper.
+    if let Some(fd) = wgtrace::privileges::helper::started_as_helper() {
+        return std::process::ExitCode::from(wgtrace::privileges::helper::serve(fd));
+    }
     let cli = Cli::parse();
     if cli.redact {
         wgtrace::redact::enable();

@@ -3,6 +3,7 @@
 
 use std::{
     io::{IsTerminal as _, Write as _},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -18,7 +19,7 @@ use crate::{
     latency::{self, LatencyTracker},
     probes::{Event, Tracer},
     report::{self, Report, RouteLookups},
-    topology::{Scope, Topology},
+    topology::{Discoverer, Privileged, Scope, Topology},
 };
 
 pub struct RunOptions {
@@ -28,7 +29,9 @@ pub struct RunOptions {
     pub scope: Scope,
     /// Send ICMP echoes along both paths of each nested tunnel (`--probe`).
     pub probe: bool,
-    /// Give up every capability tracing no longer needs once attached.
+    /// Privilege separation: a privileged helper for discovery, and this
+    /// process user nobody without CAP_SYS_ADMIN, CAP_BPF or CAP_PERFMON
+    /// once attached (see `privileges`).
     pub drop_privileges: bool,
     /// Serve Prometheus metrics on this address (`--prometheus`).
     pub prometheus: Option<std::net::SocketAddr>,
@@ -38,7 +41,6 @@ struct Session {
     tracer: Tracer,
     latency: LatencyTracker,
     topology: Topology,
-    scope: Scope,
     started: Instant,
     /// Set when transport packets arrived and no verdict was logged yet.
     awaiting_first_verdict: bool,
@@ -46,9 +48,10 @@ struct Session {
 }
 
 impl Session {
-    /// Rediscovers tunnels, so new ones are timed and vanished ones dropped.
-    fn refresh_topology(&mut self) -> Result<()> {
-        self.topology = Topology::discover(&self.scope)?;
+    /// Takes a newer topology, so new tunnels are timed and vanished ones
+    /// dropped.
+    fn apply_topology(&mut self, topology: Topology) -> Result<()> {
+        self.topology = topology;
         self.latency.set_topology(&self.topology);
         self.tracer.set_tunnel_devices(&self.topology)
     }
@@ -139,12 +142,27 @@ impl Session {
 
 pub async fn run(options: RunOptions) -> Result<()> {
     let started = Instant::now();
+    // Replies of hostile daemons (up to uapi::MAX_REPLY each, on threads of
+    // their own) must not ratchet up the heap: with a fixed threshold glibc
+    // maps large buffers on their own and returns them on free, instead of
+    // raising the threshold and keeping them in per-thread arenas.
+    // SAFETY: mallopt with integer arguments, before any other thread exists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10)
+    };
     // Bound before tracing starts, so a taken port fails fast.
     let exporter = options.prometheus.map(Exporter::bind).transpose()?;
     // Handlers first: a signal that arrives once programs are attached must
     // end in a clean exit and report, not the default action.
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    // The privileged helper starts before anything is attached, while this
+    // process is still whole and single-threaded.
+    let helper = match options.drop_privileges {
+        true => Some(Arc::new(crate::privileges::helper::Client::spawn()?)),
+        false => None,
+    };
     let tracer = Tracer::start()?;
     for hook in &tracer.hooks {
         log::info!("hook {}: {}", hook.name, if hook.active { "active" } else { "inactive" });
@@ -153,15 +171,24 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tracer,
         latency: LatencyTracker::new(),
         topology: Topology::default(),
-        scope: options.scope,
         started,
         awaiting_first_verdict: false,
         first_verdict_logged: false,
     };
-    session.refresh_topology()?;
-    if options.drop_privileges {
-        crate::privileges::drop_to_tracing_only()?;
+    // The first discovery is bounded (every daemon and netlink answer has a
+    // deadline) and a signal meanwhile is queued for the loop below.
+    let mut discoverer = match &helper {
+        Some(helper) => Discoverer::with_access(options.scope, Arc::clone(helper) as Arc<dyn Privileged>),
+        None => Discoverer::new(options.scope),
+    };
+    if let Some(helper) = &helper {
+        crate::privileges::drop_after_attach()?;
+        log::info!("privileged helper: PID {}", helper.pid());
     }
+    session.apply_topology(discoverer.discover()?)?;
+    // Spawned after the drop, so the discovery thread has no more
+    // capabilities than the rest of the process.
+    let mut topologies = spawn_discovery(discoverer, options.interval)?;
     // Serving starts with a report, so the first scrape has data. The run
     // loop only ever publishes (never waits) to the HTTP side.
     let publisher = match exporter {
@@ -186,8 +213,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 guard.clear_ready();
                 session.log_first_verdict()?;
             }
+            Ok(()) = topologies.changed() => {
+                let topology = topologies.borrow_and_update().clone();
+                session.apply_topology(topology)?;
+            }
             _ = ticker.tick() => {
-                session.refresh_topology()?;
                 session.drain_events();
                 if live || publisher.is_some() {
                     let report = session.report()?;
@@ -208,11 +238,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     // Stop serving metrics: the server and its connections are dropped.
     drop(publisher);
+    // Discovery is over: the newest snapshot is taken below.
+    if let Some(helper) = &helper {
+        helper.end();
+    }
     if let Err(err) = session.tracer.finish() {
         log::warn!("ending the trace: {err:#}; the report follows regardless");
     }
     session.drain_events();
-    session.refresh_topology()?;
+    // The newest topology the discovery thread has, without waiting for it.
+    if topologies.has_changed().unwrap_or(false) {
+        let topology = topologies.borrow_and_update().clone();
+        session.apply_topology(topology)?;
+    }
     let mut report = session.report()?;
     if options.probe {
         latency::probe_nested(&mut report.tunnels, &session.topology);
@@ -223,4 +261,43 @@ pub async fn run(options: RunOptions) -> Result<()> {
         print!("{}", report::render(&report, &session.tracer.hooks));
     }
     Ok(())
+}
+
+/// Rediscovers on a thread of its own, at once when a namespace's links or
+/// rules change and every `interval` anyway, so that no process
+/// on the host (a daemon that drips its answer, a namespace that hangs) can
+/// hold up tracing, the live view or the final report. The trace loop reads
+/// the newest snapshot without ever waiting for one.
+fn spawn_discovery(mut discoverer: Discoverer, interval: Duration) -> Result<tokio::sync::watch::Receiver<Topology>> {
+    let (sender, receiver) = tokio::sync::watch::channel(Topology::default());
+    // The receiver starts out "seen": only new snapshots wake the loop.
+    let mut receiver = receiver;
+    receiver.mark_unchanged();
+    std::thread::Builder::new()
+        .name("wgtrace-discovery".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                // Link and rule changes wake it at once; everything else
+                // (new namespaces, daemons' configuration) is polled.
+                if discoverer.wait(interval) {
+                    log::debug!("a link or rule changed: rediscovering now");
+                }
+                match discoverer.discover() {
+                    Ok(topology) => {
+                        failing = false;
+                        if sender.send(topology).is_err() {
+                            return; // the run is over
+                        }
+                    }
+                    // Keep the last snapshot; say so once per outage.
+                    Err(err) if !std::mem::replace(&mut failing, true) => {
+                        log::warn!("discovering tunnels: {err:#}; keeping the last view");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+        .context("starting the discovery thread")?;
+    Ok(receiver)
 }

@@ -12,11 +12,10 @@ use anyhow::{Context as _, Result, ensure};
 
 use super::{
     Device, Peer,
-    netlink::{AF_INET, AF_INET6, NLM_F_DUMP, Socket, attributes, push_attribute},
+    netlink::{AF_INET, AF_INET6, NETLINK_GENERIC, NLM_F_DUMP, Socket, attributes, push_attribute},
     uapi::base64,
 };
 
-const NETLINK_GENERIC: i32 = 16;
 /// struct genlmsghdr: cmd, version, reserved u16.
 const GENL_HDRLEN: usize = 4;
 
@@ -62,7 +61,12 @@ impl Wireguard {
     /// The kernel tries to load a missing family's module on this request,
     /// so call it only once a link of kind `wireguard` has been seen.
     pub fn open() -> Result<Option<Self>> {
-        let mut socket = Socket::open(NETLINK_GENERIC).context("opening a generic netlink socket")?;
+        Self::with_socket(Socket::open(NETLINK_GENERIC).context("opening a generic netlink socket")?)
+    }
+
+    /// [`Wireguard::open`] over a generic netlink socket opened elsewhere
+    /// (its namespace is the one asked about).
+    pub fn with_socket(mut socket: Socket) -> Result<Option<Self>> {
         let mut body = vec![CTRL_CMD_GETFAMILY, CTRL_VERSION, 0, 0];
         push_attribute(&mut body, CTRL_ATTR_FAMILY_NAME, WG_GENL_NAME);
         let replies = match socket.request(GENL_ID_CTRL, 0, &body) {

@@ -6,6 +6,7 @@
 //! their UAPI socket in their own mount namespace. Kernel WireGuard devices
 //! are recognised by their rtnetlink kind.
 
+pub mod access;
 pub mod genl;
 pub mod netlink;
 pub mod netns;
@@ -13,15 +14,17 @@ pub mod uapi;
 pub mod wgquick;
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    fs,
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
+pub use access::Privileged;
 use netlink::{Link, Rule};
 pub use netns::Netns;
 
@@ -79,6 +82,10 @@ pub struct Namespace {
     pub rules_v4: Vec<Rule>,
     pub rules_v6: Vec<Rule>,
     pub handle: PathBuf,
+    /// A route socket inside this namespace for [`Topology::route_get`],
+    /// kept open across discoveries (one per namespace, never a setns per
+    /// question; it also works after the privilege drop).
+    pub route_socket: Option<Arc<Mutex<netlink::Socket>>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -98,66 +105,10 @@ pub enum Scope {
 }
 
 impl Topology {
+    /// One discovery, as `wgtrace check` does it. `wgtrace run` keeps a
+    /// [`Discoverer`] on a thread of its own instead.
     pub fn discover(scope: &Scope) -> Result<Self> {
-        let own_netns = netns::own_inode()?;
-        let mut candidates = netns::discover();
-        match scope {
-            Scope::All => {}
-            Scope::Current => candidates.retain(|inode, _| *inode == own_netns),
-            Scope::Named(name) => {
-                candidates.retain(|_, ns| ns.name.as_deref() == Some(name));
-                anyhow::ensure!(!candidates.is_empty(), "no network namespace named {name} (see `ip netns list`)");
-            }
-        }
-        let daemons = userspace_daemons();
-        let mut topology = Topology { own_netns, ..Self::default() };
-        for (inode, ns) in candidates {
-            let label = ns.label(own_netns);
-            let handle = ns.handle.clone();
-            // A namespace can vanish between listing and entering it: that is
-            // normal operation, so it is skipped quietly.
-            let Ok((links, rules_v4, rules_v6, mut kernel_devices)) = netns::run_in(&ns.handle, || {
-                let mut socket = netlink::Socket::route()?;
-                let links = socket.links()?;
-                let kernel_devices = read_kernel_devices(&links);
-                Ok((links, socket.rules(netlink::AF_INET)?, socket.rules(netlink::AF_INET6)?, kernel_devices))
-            }) else {
-                continue;
-            };
-            for link in &links {
-                let daemon = daemons.get(&(inode, link.name.clone())).copied();
-                let implementation = match (&link.kind, daemon) {
-                    (Some(kind), _) if kind == "wireguard" => Implementation::Kernel,
-                    (_, Some(_)) => Implementation::Userspace,
-                    _ => continue,
-                };
-                let device = match (&implementation, daemon) {
-                    (Implementation::Userspace, Some(pid)) => read_userspace_device(pid, &link.name),
-                    _ => kernel_devices
-                        .remove(&link.name)
-                        .unwrap_or_else(|| Err(anyhow::anyhow!("no generic netlink answer for {}", link.name))),
-                };
-                let device = match device {
-                    Ok(device) => Some(device),
-                    Err(err) => {
-                        log::warn!("{label}/{}: {err:#}", link.name);
-                        None
-                    }
-                };
-                topology.tunnels.push(Tunnel {
-                    netns: inode,
-                    netns_label: label.clone(),
-                    interface: link.name.clone(),
-                    ifindex: link.index,
-                    implementation,
-                    daemon_pid: daemon,
-                    device,
-                });
-            }
-            topology.namespaces.insert(inode, Namespace { label, links, rules_v4, rules_v6, handle });
-        }
-        topology.tunnels.sort_by(|a, b| (&a.netns_label, &a.interface).cmp(&(&b.netns_label, &b.interface)));
-        Ok(topology)
+        Discoverer::new(scope.clone()).discover()
     }
 
     /// Changes when a tunnel, peer, endpoint, mark or policy rule does
@@ -205,67 +156,357 @@ impl Topology {
 
     /// Asks the kernel, inside `netns`, where a UDP packet would go.
     pub fn route_get(&self, netns: u64, query: netlink::UdpQuery) -> Result<netlink::RouteAnswer> {
-        let handle = self.namespaces.get(&netns).context("namespace vanished")?.handle.clone();
+        let namespace = self.namespaces.get(&netns).context("namespace vanished")?;
+        if let Some(socket) = &namespace.route_socket {
+            let mut socket = socket.lock().map_err(|_| anyhow::anyhow!("route socket poisoned"))?;
+            return socket.route_get(&query);
+        }
+        let handle = namespace.handle.clone();
         netns::run_in(&handle, move || netlink::Socket::route()?.route_get(&query))
     }
 }
 
-/// Kernel WireGuard devices among `links`, read over generic netlink in the
-/// calling thread's namespace. The family is only asked for when such a link
-/// exists: asking for an unregistered family makes the kernel try to load
-/// its module.
-fn read_kernel_devices(links: &[Link]) -> HashMap<String, Result<Device>> {
-    let names: Vec<&str> =
-        links.iter().filter(|l| l.kind.as_deref() == Some("wireguard")).map(|l| l.name.as_str()).collect();
-    if names.is_empty() {
-        return HashMap::new();
+/// Retry a daemon that missed its deadline after 2, 4, 8 ... seconds, at most
+/// this long.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// A daemon that failed to answer: when to ask it again.
+struct Backoff {
+    failures: u32,
+    retry_at: Instant,
+}
+
+/// A daemon not asked this round: it missed its deadline or failed before,
+/// and is asked again later (the error then was logged).
+#[derive(Debug)]
+struct BackingOff(u32);
+
+impl std::fmt::Display for BackingOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unreadable: its UAPI socket failed {} time(s) in a row; asked again later", self.0)
     }
-    match genl::Wireguard::open() {
-        Ok(Some(mut wireguard)) => names.into_iter().map(|n| (n.to_owned(), wireguard.device(n))).collect(),
-        Ok(None) => names
-            .into_iter()
-            .map(|n| (n.to_owned(), Err(anyhow::anyhow!("the wireguard generic netlink family is not registered"))))
-            .collect(),
-        Err(err) => {
-            let text = format!("{err:#}");
-            names.into_iter().map(|n| (n.to_owned(), Err(anyhow::anyhow!("{text}")))).collect()
+}
+
+impl std::error::Error for BackingOff {}
+
+/// Discovery that remembers between rounds: which processes hold TUN
+/// devices (the /proc scan is redone only when the set of TUN links
+/// changes), which daemons are backing off, and what was already logged.
+pub struct Discoverer {
+    scope: Scope,
+    access: Arc<dyn Privileged>,
+    /// Sockets inside each namespace seen, kept while it is listed.
+    sockets: HashMap<u64, NamespaceSockets>,
+    /// (netns inode, interface) -> PID holding that TUN device.
+    tun_holders: HashMap<(u64, String), u32>,
+    /// The TUN links (netns, ifindex, name) `tun_holders` was scanned for.
+    tun_links: BTreeSet<(u64, u32, String)>,
+    backoff: HashMap<(u32, String), Backoff>,
+    /// UAPI queries still running past their deadline (a hostile mount can
+    /// stall a path walk): never a second one for the same daemon.
+    in_flight: Arc<Mutex<HashSet<(u32, String)>>>,
+    /// The last problem logged per tunnel, so each is logged once.
+    logged: HashMap<(u64, String), String>,
+    /// `--netns NAME` was found once: its vanishing is then not an error.
+    named_seen: bool,
+    named_gone_logged: bool,
+}
+
+/// One namespace's netlink sockets. Holding them keeps the namespace (and
+/// so its inode number) alive until it is no longer listed.
+struct NamespaceSockets {
+    /// Link and rule dumps.
+    dumps: netlink::Socket,
+    /// Route questions from the report (shared with the topology).
+    oracle: Arc<Mutex<netlink::Socket>>,
+    /// Kernel WireGuard, opened once such a link is seen.
+    wireguard: Option<genl::Wireguard>,
+    /// Subscribed to link and rule notifications ([`Discoverer::wait`]).
+    changes: Option<std::os::fd::OwnedFd>,
+}
+
+impl Discoverer {
+    /// Discovery with this process's own privileges.
+    pub fn new(scope: Scope) -> Self {
+        Self::with_access(scope, Arc::new(access::Direct))
+    }
+
+    /// Discovery whose privileged steps go through `access` (the privilege
+    /// separation helper after `--drop-privileges`).
+    pub fn with_access(scope: Scope, access: Arc<dyn Privileged>) -> Self {
+        Self {
+            scope,
+            access,
+            sockets: HashMap::new(),
+            tun_holders: HashMap::new(),
+            tun_links: BTreeSet::new(),
+            backoff: HashMap::new(),
+            in_flight: Arc::default(),
+            logged: HashMap::new(),
+            named_seen: false,
+            named_gone_logged: false,
         }
     }
-}
 
-fn read_userspace_device(pid: u32, interface: &str) -> Result<Device> {
-    let socket = uapi::socket_path(pid, interface)
-        .with_context(|| format!("no UAPI socket for {interface} under /proc/{pid}/root/run/wireguard"))?;
-    uapi::get(&socket)
-}
-
-/// (netns inode, interface name) -> PID of the process holding that TUN
-/// device: userspace WireGuard daemons (and any other TUN user, which the
-/// UAPI socket check then filters out).
-fn userspace_daemons() -> HashMap<(u64, String), u32> {
-    let mut daemons = HashMap::new();
-    for pid in netns::pids() {
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
-        for fd in fds.flatten() {
-            if fs::read_link(fd.path()).ok().as_deref() != Some(std::path::Path::new("/dev/net/tun")) {
-                continue;
+    pub fn discover(&mut self) -> Result<Topology> {
+        let own_netns = netns::own_inode()?;
+        let mut candidates: BTreeMap<u64, Netns> =
+            self.access.namespaces()?.into_iter().map(|ns| (ns.inode, ns)).collect();
+        match &self.scope {
+            Scope::All => {}
+            Scope::Current => candidates.retain(|inode, _| *inode == own_netns),
+            Scope::Named(name) => {
+                candidates.retain(|_, ns| ns.name.as_deref() == Some(name));
+                if candidates.is_empty() {
+                    anyhow::ensure!(self.named_seen, "no network namespace named {name} (see `ip netns list`)");
+                    if !std::mem::replace(&mut self.named_gone_logged, true) {
+                        log::warn!("network namespace {name} is gone: its tunnels are left out from now on");
+                    }
+                } else {
+                    self.named_seen = true;
+                    self.named_gone_logged = false;
+                }
             }
-            let fdinfo = fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()));
-            let Some(interface) = fdinfo
-                .ok()
-                .and_then(|info| info.lines().find_map(|l| l.strip_prefix("iff:").map(|v| v.trim().to_owned())))
-            else {
+        }
+        let mut topology = Topology { own_netns, ..Topology::default() };
+        let mut found = Vec::new();
+        self.sockets.retain(|inode, _| candidates.contains_key(inode));
+        for (inode, ns) in candidates {
+            let label = ns.label(own_netns);
+            // A namespace can vanish between listing and entering it: that is
+            // normal operation, so it is skipped quietly.
+            let Ok((links, rules_v4, rules_v6, kernel_devices, oracle)) = self.read_namespace(&ns) else {
+                self.sockets.remove(&inode);
                 continue;
             };
-            if uapi::socket_path(pid, &interface).is_none() {
-                continue;
+            found.push((inode, label.clone(), links.clone(), kernel_devices));
+            let namespace =
+                Namespace { label, links, rules_v4, rules_v6, handle: ns.handle.clone(), route_socket: Some(oracle) };
+            topology.namespaces.insert(inode, namespace);
+        }
+        let tun_links: BTreeSet<(u64, u32, String)> = found
+            .iter()
+            .flat_map(|(inode, _, links, _)| {
+                links.iter().filter(|l| l.kind.as_deref() == Some("tun")).map(|l| (*inode, l.index, l.name.clone()))
+            })
+            .collect();
+        if tun_links != self.tun_links {
+            // A TUN device appeared or went: only then is /proc worth a scan.
+            self.tun_holders = self
+                .access
+                .tun_holders()?
+                .into_iter()
+                .map(|holder| ((holder.netns, holder.interface), holder.pid))
+                .collect();
+            self.tun_links = tun_links;
+        }
+        // Userspace daemons are asked in parallel, each within its deadline.
+        let mut queries = Vec::new();
+        for (inode, _, links, _) in &found {
+            for link in links {
+                let Some(&pid) = self.tun_holders.get(&(*inode, link.name.clone())) else { continue };
+                queries.push((*inode, link.name.clone(), pid, self.ask_daemon(pid, &link.name)));
             }
-            if let Ok(inode) = netns::inode_of(&PathBuf::from(format!("/proc/{pid}/ns/net"))) {
-                daemons.insert((inode, interface), pid);
+        }
+        let mut userspace: HashMap<(u64, String), (u32, Result<Device>)> = HashMap::new();
+        for (inode, interface, pid, answer) in queries {
+            let result = match answer {
+                Ok(receiver) => receiver
+                    .recv_timeout(uapi::DEADLINE + Duration::from_millis(500))
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the UAPI query did not end in time"))),
+                Err(err) => Err(err),
+            };
+            // A TUN holder without a UAPI socket is no WireGuard daemon (or
+            // its socket is not there yet: asked again next round).
+            let result = match result {
+                Ok(None) => continue,
+                Ok(Some(device)) => Ok(device),
+                Err(err) => Err(err),
+            };
+            if !result.as_ref().is_err_and(|err| err.downcast_ref::<BackingOff>().is_some()) {
+                self.note_answer(pid, &interface, result.is_ok());
+            }
+            userspace.insert((inode, interface), (pid, result));
+        }
+        for (inode, label, links, mut kernel_devices) in found {
+            for link in &links {
+                let (implementation, daemon, device) = if link.kind.as_deref() == Some("wireguard") {
+                    let device = kernel_devices
+                        .remove(&link.name)
+                        .unwrap_or_else(|| Err(anyhow::anyhow!("no generic netlink answer for {}", link.name)));
+                    (Implementation::Kernel, None, device)
+                } else if let Some((pid, device)) = userspace.remove(&(inode, link.name.clone())) {
+                    (Implementation::Userspace, Some(pid), device)
+                } else {
+                    continue;
+                };
+                let device = match device {
+                    Ok(device) => {
+                        self.logged.remove(&(inode, link.name.clone()));
+                        Some(device)
+                    }
+                    // Backing off repeats the last error, already logged.
+                    Err(err) if err.downcast_ref::<BackingOff>().is_some() => None,
+                    Err(err) => {
+                        let message = format!("{label}/{}: {err:#}", link.name);
+                        if self.logged.insert((inode, link.name.clone()), message.clone()).as_ref() != Some(&message) {
+                            log::warn!("{message}");
+                        }
+                        None
+                    }
+                };
+                topology.tunnels.push(Tunnel {
+                    netns: inode,
+                    netns_label: label.clone(),
+                    interface: link.name.clone(),
+                    ifindex: link.index,
+                    implementation,
+                    daemon_pid: daemon,
+                    device,
+                });
+            }
+        }
+        topology.tunnels.sort_by(|a, b| (&a.netns_label, &a.interface).cmp(&(&b.netns_label, &b.interface)));
+        Ok(topology)
+    }
+
+    /// Starts a UAPI query on its own thread, unless the daemon is backing
+    /// off or its last query is still running.
+    fn ask_daemon(&self, pid: u32, interface: &str) -> Result<std::sync::mpsc::Receiver<Result<Option<Device>>>> {
+        let key = (pid, interface.to_owned());
+        if let Some(backoff) = self.backoff.get(&key)
+            && backoff.retry_at > Instant::now()
+        {
+            return Err(anyhow::Error::new(BackingOff(backoff.failures)));
+        }
+        if !self.in_flight.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(key.clone()) {
+            anyhow::bail!("unreadable: its previous UAPI query is still stuck");
+        }
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let in_flight = Arc::clone(&self.in_flight);
+        let access = Arc::clone(&self.access);
+        std::thread::Builder::new()
+            .name("wgtrace-uapi".into())
+            .spawn(move || {
+                let (pid, interface) = (key.0, key.1.as_str());
+                let deadline = Instant::now() + uapi::DEADLINE;
+                let answer = access.uapi_socket(pid, interface, uapi::DEADLINE).and_then(|socket| match socket {
+                    Some(socket) => uapi::query(&socket, deadline)
+                        .map(Some)
+                        .with_context(|| format!("UAPI socket of {interface} (PID {pid})")),
+                    None => Ok(None),
+                });
+                let _ = sender.send(answer);
+                if let Ok(mut in_flight) = in_flight.lock() {
+                    in_flight.remove(&key);
+                }
+            })
+            .context("starting a UAPI query")?;
+        Ok(receiver)
+    }
+
+    /// Links, rules and kernel WireGuard devices of one namespace, over
+    /// the sockets kept for it (opened on first sight).
+    #[allow(clippy::type_complexity)]
+    fn read_namespace(
+        &mut self,
+        ns: &Netns,
+    ) -> Result<(Vec<Link>, Vec<Rule>, Vec<Rule>, HashMap<String, Result<Device>>, Arc<Mutex<netlink::Socket>>)> {
+        let sockets = match self.sockets.entry(ns.inode) {
+            std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let open = || self.access.netns_socket(&ns.handle, ns.inode, netlink::NETLINK_ROUTE);
+                // Without notifications discovery still happens every interval.
+                let changes = open().and_then(|fd| netlink::subscribe(fd, netlink::CHANGE_GROUPS));
+                if let Err(err) = &changes {
+                    log::debug!("{}: no change notifications: {err:#}", ns.handle.display());
+                }
+                entry.insert(NamespaceSockets {
+                    dumps: netlink::Socket::from_fd(open()?),
+                    oracle: Arc::new(Mutex::new(netlink::Socket::from_fd(open()?))),
+                    wireguard: None,
+                    changes: changes.ok(),
+                })
+            }
+        };
+        let links = sockets.dumps.links()?;
+        let rules_v4 = sockets.dumps.rules(netlink::AF_INET)?;
+        let rules_v6 = sockets.dumps.rules(netlink::AF_INET6)?;
+        let names: Vec<&str> =
+            links.iter().filter(|l| l.kind.as_deref() == Some("wireguard")).map(|l| l.name.as_str()).collect();
+        let mut kernel_devices = HashMap::new();
+        if !names.is_empty() {
+            // Asked only once such a link exists: asking for an unregistered
+            // family makes the kernel try to load its module.
+            if sockets.wireguard.is_none() {
+                let socket = self.access.netns_socket(&ns.handle, ns.inode, netlink::NETLINK_GENERIC);
+                match socket.and_then(|fd| genl::Wireguard::with_socket(netlink::Socket::from_fd(fd))) {
+                    Ok(Some(wireguard)) => sockets.wireguard = Some(wireguard),
+                    Ok(None) => {
+                        let reason = "the wireguard generic netlink family is not registered";
+                        kernel_devices = names.iter().map(|n| (n.to_string(), Err(anyhow::anyhow!(reason)))).collect();
+                    }
+                    Err(err) => {
+                        let text = format!("{err:#}");
+                        kernel_devices =
+                            names.iter().map(|n| (n.to_string(), Err(anyhow::anyhow!("{text}")))).collect();
+                    }
+                }
+            }
+            if let Some(wireguard) = &mut sockets.wireguard {
+                kernel_devices = names.into_iter().map(|n| (n.to_owned(), wireguard.device(n))).collect();
+            }
+        }
+        Ok((links, rules_v4, rules_v6, kernel_devices, Arc::clone(&sockets.oracle)))
+    }
+
+    /// Waits until a namespace seen in the last discovery reports a link or
+    /// rule change, or `timeout` passes (namespaces, daemons and their
+    /// configuration change without notifications, so `wgtrace run` still
+    /// rediscovers every interval). Whether a change woke it.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let mut fds: Vec<libc::pollfd> = self
+            .sockets
+            .values()
+            .filter_map(|s| s.changes.as_ref())
+            .map(|fd| libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(fd), events: libc::POLLIN, revents: 0 })
+            .collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            // SAFETY: poll over pollfds we own, for their number.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, left.as_millis() as i32 + 1) };
+            if n > 0 {
+                // Let a burst (wg-quick adds several rules) settle, then drain.
+                std::thread::sleep(Duration::from_millis(20));
+                let mut changed = false;
+                for socket in self.sockets.values().filter_map(|s| s.changes.as_ref()) {
+                    changed |= netlink::drain(socket);
+                }
+                if changed {
+                    return true;
+                }
+            } else if n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                std::thread::sleep(left);
+                return false;
             }
         }
     }
-    daemons
+
+    fn note_answer(&mut self, pid: u32, interface: &str, answered: bool) {
+        let key = (pid, interface.to_owned());
+        if answered {
+            self.backoff.remove(&key);
+            return;
+        }
+        let now = Instant::now();
+        let backoff = self.backoff.entry(key).or_insert(Backoff { failures: 0, retry_at: now });
+        backoff.failures += 1;
+        backoff.retry_at = now + Duration::from_secs(1 << backoff.failures.min(6)).min(MAX_BACKOFF);
+    }
 }
 
 /// Parses `ADDR/LEN` (or a bare address, as a host prefix).

@@ -10,8 +10,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use zeroize::Zeroizing;
 
-const NETLINK_ROUTE: i32 = 0;
+pub const NETLINK_ROUTE: i32 = 0;
+pub const NETLINK_GENERIC: i32 = 16;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -103,14 +105,16 @@ pub struct UdpQuery {
     pub mark: u32,
 }
 
+#[derive(Debug)]
 pub struct Socket {
     fd: OwnedFd,
     sequence: u32,
 }
 
-/// A received netlink message payload, zeroed when dropped: generic netlink
-/// replies (WireGuard's) carry private and preshared keys.
-pub(crate) struct ZeroOnDrop(Vec<u8>);
+/// A received netlink message payload, wiped when dropped (the `zeroize`
+/// crate): generic netlink replies (WireGuard's) carry private and preshared
+/// keys.
+pub(crate) struct ZeroOnDrop(Zeroizing<Vec<u8>>);
 
 impl Deref for ZeroOnDrop {
     type Target = [u8];
@@ -120,15 +124,12 @@ impl Deref for ZeroOnDrop {
     }
 }
 
-impl Drop for ZeroOnDrop {
-    fn drop(&mut self) {
-        for byte in self.0.iter_mut() {
-            // SAFETY: an exclusive reference to an initialised byte. Volatile,
-            // because plain stores right before a free may be optimised away.
-            unsafe { std::ptr::write_volatile(byte, 0) };
-        }
-    }
-}
+/// A netlink request and its whole answer must fit in this: the kernel
+/// answers in microseconds, so only a stuck namespace gets near it.
+pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+/// And in this many bytes (a dump of a namespace's links or rules, or one
+/// WireGuard device with thousands of peers, is far smaller).
+pub const MAX_ANSWER: usize = 32 << 20;
 
 impl Socket {
     /// Opens a NETLINK_ROUTE socket in the calling thread's namespace.
@@ -138,13 +139,25 @@ impl Socket {
 
     /// Opens a netlink socket of `protocol` in the calling thread's namespace.
     pub fn open(protocol: i32) -> Result<Self> {
-        // SAFETY: plain socket(2); the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error()).context("opening a netlink socket");
-        }
-        // SAFETY: fd is a fresh, valid descriptor.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, sequence: 1 })
+        Ok(Self::from_fd(open_raw(protocol)?))
+    }
+
+    /// A netlink socket opened elsewhere (it stays in the namespace it was
+    /// opened in), such as one the privileged helper passed over.
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        // Every recv is bounded; `request` bounds the whole answer.
+        let timeout = libc::timeval { tv_sec: DEADLINE.as_secs() as libc::time_t, tv_usec: 0 };
+        // SAFETY: setsockopt with a timeval we own, of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        Self { fd, sequence: 1 }
     }
 
     pub(crate) fn request(&mut self, message_type: u16, flags: u16, body: &[u8]) -> Result<Vec<(u16, ZeroOnDrop)>> {
@@ -164,12 +177,22 @@ impl Socket {
             return Err(io::Error::last_os_error()).context("sending a netlink request");
         }
         let mut replies = Vec::new();
-        let mut buffer = ZeroOnDrop(vec![0u8; 1 << 16]);
+        let mut buffer = ZeroOnDrop(Zeroizing::new(vec![0u8; 1 << 16]));
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let mut total = 0usize;
         loop {
             // SAFETY: receiving into a buffer we own, within its length.
             let received = unsafe { libc::recv(self.fd.as_raw_fd(), buffer.0.as_mut_ptr().cast(), buffer.len(), 0) };
             if received < 0 {
-                return Err(io::Error::last_os_error()).context("reading a netlink reply");
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EINTR) && std::time::Instant::now() < deadline {
+                    continue;
+                }
+                return Err(err).context("reading a netlink reply");
+            }
+            total += received as usize;
+            if total > MAX_ANSWER || std::time::Instant::now() > deadline {
+                bail!("a netlink answer larger than {} MiB or slower than {} s", MAX_ANSWER >> 20, DEADLINE.as_secs());
             }
             let mut done = flags & NLM_F_DUMP != NLM_F_DUMP;
             for (kind, sequence, payload) in split_messages(&buffer[..received as usize]) {
@@ -187,7 +210,7 @@ impl Socket {
                         }
                         done = true;
                     }
-                    _ => replies.push((kind, ZeroOnDrop(payload.to_vec()))),
+                    _ => replies.push((kind, ZeroOnDrop(Zeroizing::new(payload.to_vec())))),
                 }
             }
             if done {
@@ -243,6 +266,73 @@ impl Socket {
         };
         parse_route_answer(payload).context("unreadable route reply")
     }
+}
+
+/// rtnetlink multicast groups (RTMGRP_*) whose messages mean the topology
+/// changed: links, and IPv4 and IPv6 policy rules.
+pub const CHANGE_GROUPS: u32 = group_bit(RTNLGRP_LINK) | group_bit(RTNLGRP_IPV4_RULE) | group_bit(RTNLGRP_IPV6_RULE);
+const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_IPV4_RULE: u32 = 8;
+const RTNLGRP_IPV6_RULE: u32 = 19;
+
+/// The `nl_groups` bit of rtnetlink group `group` (numbered from 1).
+const fn group_bit(group: u32) -> u32 {
+    1 << (group - 1)
+}
+
+/// Subscribes the route socket `fd` (opened in some namespace) to `groups`
+/// and makes it non-blocking: it then only ever becomes readable when that
+/// namespace changes. Unprivileged: rtnetlink lets anyone listen.
+pub fn subscribe(fd: OwnedFd, groups: u32) -> Result<OwnedFd> {
+    // SAFETY: a zeroed sockaddr_nl is valid; bind and fcntl on a descriptor we own.
+    unsafe {
+        let mut address: libc::sockaddr_nl = std::mem::zeroed();
+        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        address.nl_groups = groups;
+        if libc::bind(
+            fd.as_raw_fd(),
+            (&address as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(io::Error::last_os_error()).context("subscribing to rtnetlink notifications");
+        }
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    Ok(fd)
+}
+
+/// Reads and discards whatever is queued on the non-blocking socket `fd`;
+/// whether anything was. (The next discovery dumps the state anyway; an
+/// overflowed queue, ENOBUFS, also means something changed.)
+pub fn drain(fd: &OwnedFd) -> bool {
+    let mut buffer = [0u8; 8192];
+    let mut any = false;
+    loop {
+        // SAFETY: receiving into a buffer we own, within its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_DONTWAIT) };
+        if n > 0 {
+            any = true;
+            continue;
+        }
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+            any = true;
+            continue;
+        }
+        return any;
+    }
+}
+
+/// A bare netlink socket of `protocol` in the calling thread's namespace.
+pub fn open_raw(protocol: i32) -> Result<OwnedFd> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("opening a netlink socket");
+    }
+    // SAFETY: fd is a fresh, valid descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 pub(crate) fn push_attribute(buffer: &mut Vec<u8>, kind: u16, value: &[u8]) {

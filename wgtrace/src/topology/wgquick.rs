@@ -1,6 +1,8 @@
 //! wg-quick configuration files, for `wgtrace check --config`: what a
 //! tunnel would do before it is brought up. Private and preshared keys are
-//! skipped, never stored.
+//! skipped, never stored, and no message ever quotes a line: errors name the
+//! line number and the key, never a value (a value may be a private key, and
+//! so may a line that is not `KEY = VALUE` at all).
 
 use std::net::{SocketAddr, ToSocketAddrs as _};
 
@@ -18,6 +20,35 @@ pub struct QuickConfig {
     pub fwmark: Option<u32>,
     /// `Table` as written, lowercased (`auto` when absent).
     pub table: String,
+    /// Keys wg-quick does not know (misspelt, or in the wrong section), as
+    /// `line N: ...` messages without their values. wg-quick would refuse
+    /// the file; `check` reports each as a finding.
+    pub unknown_keys: Vec<String>,
+}
+
+/// Keys wg-quick accepts in each section (wg-quick(8), wg(8)), lowercased.
+const INTERFACE_KEYS: [&str; 12] = [
+    "privatekey",
+    "listenport",
+    "fwmark",
+    "address",
+    "dns",
+    "mtu",
+    "table",
+    "preup",
+    "postup",
+    "predown",
+    "postdown",
+    "saveconfig",
+];
+const PEER_KEYS: [&str; 5] = ["publickey", "presharedkey", "allowedips", "endpoint", "persistentkeepalive"];
+
+/// The name of a key as it can be shown: its leading letters only, so that
+/// `PrivateKey: SECRET` (no `=`) is named `PrivateKey` and never more.
+fn key_name(text: &str) -> &str {
+    let text = text.trim_start();
+    let end = text.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(text.len());
+    &text[..end.min(32)]
 }
 
 impl QuickConfig {
@@ -51,19 +82,24 @@ pub fn parse_with(text: &str, resolve: impl Fn(&str) -> Result<SocketAddr>) -> R
         if line.is_empty() {
             continue;
         }
-        let context = || format!("line {}: {raw}", number + 1);
+        let line_number = number + 1;
         if line.starts_with('[') {
             section = line.trim_matches(|c| c == '[' || c == ']').trim().to_ascii_lowercase();
             if section == "peer" {
                 config.device.peers.push(Peer::default());
             } else if section != "interface" {
-                bail!("unknown section [{section}] ({})", context());
+                bail!("line {line_number}: unknown section [{}]", key_name(&section));
             }
             continue;
         }
-        let Some((key, value)) = line.split_once('=') else { bail!("expected KEY = VALUE ({})", context()) };
+        let Some((key, value)) = line.split_once('=') else {
+            bail!("line {line_number}: expected KEY = VALUE after `{}` (the rest is not shown)", key_name(line))
+        };
         let (key, value) = (key.trim().to_ascii_lowercase(), value.trim());
+        let shown = key_name(&key).to_owned();
+        let context = || format!("line {line_number}, {shown}");
         match (section.as_str(), key.as_str()) {
+            ("", _) => bail!("line {line_number}: {shown} outside any section (before [Interface] or [Peer])"),
             ("interface", "listenport") => config.device.listen_port = value.parse().with_context(context)?,
             ("interface", "fwmark") => config.fwmark = parse_mark(value).with_context(context)?,
             ("interface", "table") => config.table = value.to_ascii_lowercase(),
@@ -75,8 +111,23 @@ pub fn parse_with(text: &str, resolve: impl Fn(&str) -> Result<SocketAddr>) -> R
                     last_peer(&mut config)?.allowed_ips.push(prefix);
                 }
             }
-            ("", _) => bail!("setting outside any section ({})", context()),
-            _ => {} // PrivateKey, PresharedKey, Address, DNS, MTU, hooks: not needed
+            // PrivateKey, PresharedKey, Address, DNS, MTU, hooks: not needed.
+            ("interface", known) if INTERFACE_KEYS.contains(&known) => {}
+            ("peer", known) if PEER_KEYS.contains(&known) => {}
+            (section, _) => {
+                let misplaced = if section == "peer" {
+                    INTERFACE_KEYS.contains(&key.as_str())
+                } else {
+                    PEER_KEYS.contains(&key.as_str())
+                };
+                config.unknown_keys.push(if misplaced {
+                    format!("line {line_number}: {shown} does not belong in [{section}]")
+                } else if shown.len() != key.len() {
+                    format!("line {line_number}: `{shown}` followed by something that is not `= VALUE` (misspelt key?)")
+                } else {
+                    format!("line {line_number}: unknown key {shown} in [{section}] (misspelt?)")
+                });
+            }
         }
     }
     config.device.fwmark = config.effective_mark();
@@ -103,7 +154,7 @@ pub fn resolve(value: &str) -> Result<SocketAddr> {
     if let Ok(address) = value.parse() {
         return Ok(address);
     }
-    value.to_socket_addrs()?.next().with_context(|| format!("{value} did not resolve"))
+    value.to_socket_addrs()?.next().context("the endpoint did not resolve")
 }
 
 #[cfg(test)]
@@ -150,6 +201,45 @@ AllowedIPs = 198.18.2.0/24, 2001:db8:2::/48
         assert!(parse("[Peer]\nEndpoint = nonsense\n").is_err());
         assert!(parse("ListenPort = 1\n").is_err());
         assert!(parse("[Bogus]\n").is_err());
-        assert!(parse("[Interface]\nAllowedIPs = 10.0.0.0/8\n").is_ok(), "ignored outside [Peer]");
+        let misplaced = parse("[Interface]\nAllowedIPs = 10.0.0.0/8\n").unwrap();
+        assert_eq!(misplaced.unknown_keys, ["line 2: allowedips does not belong in [interface]"]);
+    }
+
+    const SECRET: &str = "aGVsbG8gd29ybGQgaGVsbG8gd29ybGQgaGVsbG8gd28=";
+
+    #[test]
+    fn no_message_quotes_a_value() {
+        let broken = [
+            format!("PrivateKey = {SECRET}\n[Interface]\n"),
+            "[Interface]\nPrivateKey aGVsbG8gd29ybGQ\n".to_owned(),
+            format!("[{SECRET}]\n"),
+            format!("[Interface]\nListenPort = {SECRET}\n"),
+            format!("[Interface]\nFwMark = {SECRET}\n"),
+            format!("[Peer]\nAllowedIPs = {SECRET}\n"),
+            format!("[Peer]\nEndpoint = {SECRET}\n"),
+        ];
+        for text in &broken {
+            let err = parse_with(text, |_| anyhow::bail!("does not resolve")).unwrap_err();
+            let message = format!("{err:#} {err:?}");
+            assert!(!message.contains("aGVsbG8"), "{message}");
+            assert!(message.contains("line "), "{message}");
+        }
+        let err = parse(&format!("PrivateKey = {SECRET}\n")).unwrap_err();
+        assert_eq!(format!("{err:#}"), "line 1: privatekey outside any section (before [Interface] or [Peer])");
+    }
+
+    #[test]
+    fn misspelt_keys_are_reported_by_name_only() {
+        let config =
+            parse(&format!("[Interface]\nPrivateKey: {SECRET}\nListenPrt = 1\n[Peer]\nListenPort = 2\n")).unwrap();
+        assert_eq!(
+            config.unknown_keys,
+            [
+                "line 2: `privatekey` followed by something that is not `= VALUE` (misspelt key?)",
+                "line 3: unknown key listenprt in [interface] (misspelt?)",
+                "line 5: listenport does not belong in [peer]",
+            ]
+        );
+        assert!(parse(SPLIT).unwrap().unknown_keys.is_empty(), "{:?}", parse(SPLIT).unwrap().unknown_keys);
     }
 }
