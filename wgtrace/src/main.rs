@@ -36,7 +36,10 @@ Examples:
   sudo wgtrace run --netns blue         only tunnels in `ip netns` namespace blue
   sudo wgtrace run --duration 10 --probe  also measure what a nested tunnel's fix would save
   sudo wgtrace run --prometheus :9586   serve metrics on 127.0.0.1:9586 until SIGTERM (deploy/ has examples)
-  sudo wgtrace run --max-traced-rate 0  trace every packet, even where that costs throughput")]
+  sudo wgtrace run --max-traced-rate 0  trace every packet, even where that costs throughput
+  sudo wgtrace run --peer-names /etc/wgtrace/peers  name peers (`PUBLIC_KEY = NAME` lines)
+  sudo wgtrace run --prometheus :9586 --peer-metrics  per-peer series too (one set per peer)
+  sudo wgtrace run --events | jq .      one JSON line per event (flows, routes, verdicts, handshakes)")]
     Run {
         /// Stop after this many seconds (default: run until Ctrl-C or SIGTERM).
         #[arg(long, value_name = "SECONDS")]
@@ -76,6 +79,27 @@ Examples:
         /// any tunnel, endpoint, mark or rule change. 0 traces continuously.
         #[arg(long, value_name = "RUNS", default_value_t = 40_000)]
         max_traced_rate: u64,
+        /// Peer names from FILE: one `PUBLIC_KEY = NAME` per line (`#`
+        /// comments). `# friendly_name = NAME` comments in the [Peer]
+        /// sections of /etc/wireguard/IFACE.conf (on the host, or in a
+        /// userspace daemon's mount namespace) are read too; the file wins.
+        #[arg(long, value_name = "FILE")]
+        peer_names: Option<std::path::PathBuf>,
+        /// A peer counts as up when its last handshake is at most this old
+        /// (WireGuard rekeys every 120 s while in use; 180 allows retries).
+        #[arg(long, value_name = "SECONDS", default_value_t = 180.0)]
+        handshake_timeout: f64,
+        /// Export per-peer series (a `peer` label: its name, else the first 8
+        /// characters of its key) instead of per-tunnel ones: one set of
+        /// series per peer, so leave it off on hubs with many peers.
+        #[arg(long, requires = "prometheus")]
+        peer_metrics: bool,
+        /// Write one JSON object per line to stdout for each event: transport
+        /// flow seen, route decision, verdict change, handshake, tunnel or peer
+        /// appearing or going away (schema: docs/json.md). The final report
+        /// is not printed; the live view is off.
+        #[arg(long, conflicts_with = "json")]
+        events: bool,
         /// More detail on stderr (repeat for debug output).
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
@@ -130,6 +154,10 @@ fn main() -> std::process::ExitCode {
             drop_privileges,
             prometheus,
             max_traced_rate,
+            peer_names,
+            handshake_timeout,
+            peer_metrics,
+            events,
             verbose,
         } => {
             init_logging(verbose);
@@ -142,6 +170,14 @@ fn main() -> std::process::ExitCode {
                     drop_privileges,
                     prometheus,
                     max_traced_rate,
+                    peer_names: peer_names
+                        .as_deref()
+                        .map(wgtrace::names::load_names_file)
+                        .transpose()?
+                        .unwrap_or_default(),
+                    handshake_timeout: seconds(handshake_timeout, "handshake-timeout")?,
+                    peer_metrics,
+                    events,
                     scope: match (netns, current_netns) {
                         (Some(name), _) => Scope::Named(name),
                         (None, true) => Scope::Current,

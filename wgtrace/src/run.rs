@@ -34,6 +34,14 @@ pub struct RunOptions {
     pub prometheus: Option<std::net::SocketAddr>,
     /// Above this many program runs per second, trace in windows (0: never).
     pub max_traced_rate: u64,
+    /// Names by public key from `--peer-names` (config comments are read too).
+    pub peer_names: std::collections::HashMap<String, String>,
+    /// A peer is up with a handshake within this (`--handshake-timeout`).
+    pub handshake_timeout: Duration,
+    /// Per-peer metric series (`--peer-metrics`).
+    pub peer_metrics: bool,
+    /// One JSON line per event on stdout (`--events`).
+    pub events: bool,
 }
 
 struct Session {
@@ -42,6 +50,8 @@ struct Session {
     topology: Topology,
     scope: Scope,
     started: Instant,
+    names: crate::names::PeerNames,
+    handshake_timeout: Duration,
     /// Set when transport packets arrived and no verdict was logged yet.
     awaiting_first_verdict: bool,
     first_verdict_logged: bool,
@@ -119,12 +129,14 @@ impl Session {
         Ok(())
     }
 
-    fn report(&self) -> Result<Report> {
+    fn report(&mut self) -> Result<Report> {
         let flows = self.tracer.flows()?;
         let routes = self.tracer.routes()?;
         let seen = Observations { flows: &flows, routes: &routes };
         let mut tunnels = correlation::correlate(&self.topology, &seen, &self.topology);
         latency::annotate(&mut tunnels, &self.latency);
+        self.names.annotate(&mut tunnels, &self.topology);
+        crate::handshake::annotate(&mut tunnels, &self.topology, self.handshake_timeout);
         let route_lookups = correlation::lookups_by_mark_and_table(&routes)
             .into_iter()
             .map(|(mark, table, lookups)| RouteLookups { mark, table, lookups })
@@ -143,7 +155,9 @@ impl Session {
 pub async fn run(options: RunOptions) -> Result<()> {
     let started = Instant::now();
     // Bound before tracing starts, so a taken port fails fast.
-    let exporter = options.prometheus.map(Exporter::bind).transpose()?;
+    let series =
+        if options.peer_metrics { crate::exporter::Series::PerPeer } else { crate::exporter::Series::PerTunnel };
+    let exporter = options.prometheus.map(Exporter::bind).transpose()?.map(|e| e.with_series(series));
     // Handlers first: a signal that arrives once programs are attached must
     // end in a clean exit and report, not the default action.
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -158,6 +172,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         topology: Topology::default(),
         scope: options.scope,
         started,
+        names: crate::names::PeerNames::new(options.peer_names),
+        handshake_timeout: options.handshake_timeout,
         awaiting_first_verdict: false,
         first_verdict_logged: false,
     };

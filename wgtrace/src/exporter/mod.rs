@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use tokio::{sync::watch, task::JoinHandle};
 
-pub use metrics::{Format, encode, negotiate};
+pub use metrics::{Format, Series, encode, encode_with, negotiate};
 
 use crate::report::Report;
 
@@ -60,6 +60,7 @@ pub struct Exporter {
     address: SocketAddr,
     /// Connections served at once (from the open-file limit).
     cap: usize,
+    series: Series,
 }
 
 impl Exporter {
@@ -74,7 +75,13 @@ impl Exporter {
                  namespaces and traffic counts"
             );
         }
-        Ok(Self { listener, address, cap })
+        Ok(Self { listener, address, cap, series: Series::PerTunnel })
+    }
+
+    /// Per-peer series (`--peer-metrics`) instead of per-tunnel ones.
+    pub fn with_series(mut self, series: Series) -> Self {
+        self.series = series;
+        self
     }
 
     /// The address actually bound (with the port chosen for port 0).
@@ -87,7 +94,7 @@ impl Exporter {
     pub fn start(self, first: Report) -> Result<Publisher> {
         let listener = tokio::net::TcpListener::from_std(self.listener).context("serving the metrics socket")?;
         let (sender, receiver) = watch::channel(Arc::new(first));
-        let server = tokio::spawn(server::serve(listener, receiver, self.cap));
+        let server = tokio::spawn(server::serve(listener, receiver, self.cap, self.series));
         eprintln!("wgtrace: serving Prometheus metrics on http://{}/metrics", self.address);
         Ok(Publisher { sender, server })
     }

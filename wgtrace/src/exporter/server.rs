@@ -111,7 +111,12 @@ struct Open {
 
 /// Accepts connections until the task is aborted; aborting it also drops
 /// every connection (they live in its `JoinSet`).
-pub(super) async fn serve(listener: TcpListener, reports: watch::Receiver<Arc<Report>>, cap: usize) {
+pub(super) async fn serve(
+    listener: TcpListener,
+    reports: watch::Receiver<Arc<Report>>,
+    cap: usize,
+    series: metrics::Series,
+) {
     let dropped = Arc::new(Dropped::default());
     let mut connections = JoinSet::new();
     // By accept order: the first entry is the oldest.
@@ -143,6 +148,7 @@ pub(super) async fn serve(listener: TcpListener, reports: watch::Receiver<Arc<Re
                         id,
                         TokioIo::new(stream),
                         reports.clone(),
+                        series,
                         Arc::clone(&busy),
                         Arc::clone(&dropped),
                     ));
@@ -174,6 +180,7 @@ async fn connection(
     id: u64,
     io: TokioIo<tokio::net::TcpStream>,
     reports: watch::Receiver<Arc<Report>>,
+    series: metrics::Series,
     busy: Arc<AtomicBool>,
     dropped: Arc<Dropped>,
 ) -> u64 {
@@ -189,7 +196,7 @@ async fn connection(
             let (busy, idle_since) = (Arc::clone(&busy), Arc::clone(&idle_since));
             async move {
                 let response = match routed {
-                    Routed::Metrics(format, report) => metrics_response(format, report).await,
+                    Routed::Metrics(format, report) => metrics_response(format, report, series).await,
                     Routed::Done(response) => response,
                 };
                 idle_since.store(accepted.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -282,9 +289,9 @@ fn route(request: &Request<Incoming>, reports: &watch::Receiver<Arc<Report>>) ->
     Routed::Metrics(metrics::negotiate(accept), Arc::clone(&reports.borrow()))
 }
 
-async fn metrics_response(format: Format, report: Arc<Report>) -> Response<Full<Bytes>> {
+async fn metrics_response(format: Format, report: Arc<Report>, series: metrics::Series) -> Response<Full<Bytes>> {
     // Rendering is CPU work proportional to the tunnels: off the run loop's thread.
-    let Ok(body) = tokio::task::spawn_blocking(move || metrics::encode(&report, format)).await else {
+    let Ok(body) = tokio::task::spawn_blocking(move || metrics::encode_with(&report, format, series)).await else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "rendering the metrics failed\n");
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
