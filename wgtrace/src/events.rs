@@ -1,1 +1,362 @@
-//! placeholder
+//! `wgtrace run --events`: one JSON object per line on stdout, for
+//! investigations (`| jq`, a log shipper), in the spirit of pwru.
+//!
+//! Events are the differences between successive reports (tunnels and
+//! peers appearing or going away, a transport seen for the first time, its
+//! route decision changing, a verdict changing, a new handshake), plus
+//! handshake round trips paired from the WireGuard messages the run loop
+//! already sees. Every line has `timestamp`, `event`, `netns`, `interface`
+//! and `peer` (null for tunnel events); the schema is in docs/json.md.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Write,
+    net::{IpAddr, SocketAddr},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::{Value, json};
+use wgtrace_common::{
+    AF_INET, DIR_EGRESS, DIR_INGRESS, PacketEvent,
+    wire::{MESSAGE_HANDSHAKE_INITIATION, MESSAGE_HANDSHAKE_RESPONSE},
+};
+
+use crate::{correlation::PeerReport, report::Report};
+
+/// Initiations waiting for their response, at most.
+const PENDING_HANDSHAKES: usize = 1024;
+
+/// What the previous report said of one peer.
+#[derive(Clone, Debug, PartialEq)]
+struct PeerState {
+    /// (egress, mark, table, rule) of its transport, when seen.
+    route: Option<(String, u32, Option<u32>, Option<String>)>,
+    /// "nested" or "direct" once its transport was seen.
+    verdict: Option<(&'static str, Option<String>)>,
+    last_handshake: Option<u64>,
+}
+
+/// (netns inode, interface) -> (netns label, public key -> state).
+type Snapshot = BTreeMap<(u64, String), (String, BTreeMap<String, PeerState>)>;
+
+fn peer_state(peer: &PeerReport) -> PeerState {
+    PeerState {
+        route: peer.transport.as_ref().map(|t| (t.egress_interface.clone(), t.mark, t.route_table, t.rule.clone())),
+        verdict: peer.transport.as_ref().map(|_| match &peer.nested_in {
+            Some(outer) => ("nested", Some(outer.clone())),
+            None => ("direct", None),
+        }),
+        last_handshake: peer.handshake.as_ref().and_then(|h| h.last_unix_seconds),
+    }
+}
+
+fn snapshot(report: &Report) -> Snapshot {
+    report
+        .tunnels
+        .iter()
+        .map(|t| {
+            let peers = t.peers.iter().map(|p| (p.public_key.clone(), peer_state(p))).collect();
+            ((t.netns_inode, t.interface.clone()), (t.netns.clone(), peers))
+        })
+        .collect()
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Turns reports and handshake messages into event lines.
+pub struct EventStream<W: Write> {
+    out: W,
+    last: Option<Snapshot>,
+    /// (netns, local port, sender index) -> initiation time (ns).
+    initiations: HashMap<(u32, u16, u32), u64>,
+    /// (netns, local port, remote endpoint) -> the last handshake RTT (µs)
+    /// not yet reported.
+    handshake_rtt_us: HashMap<(u64, u16, SocketAddr), u64>,
+    failed: bool,
+}
+
+impl<W: Write> EventStream<W> {
+    pub fn new(out: W) -> Self {
+        Self { out, last: None, initiations: HashMap::new(), handshake_rtt_us: HashMap::new(), failed: false }
+    }
+
+    /// A WireGuard message the run loop saw: pairs our handshake
+    /// initiations with their responses.
+    pub fn on_packet(&mut self, event: &PacketEvent) {
+        let key = &event.key;
+        match (event.message_type, key.direction) {
+            (MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS) => {
+                if self.initiations.len() >= PENDING_HANDSHAKES {
+                    // Unanswered initiations (a dead peer) must not pile up.
+                    self.initiations.clear();
+                }
+                self.initiations.insert((key.netns, key.sport, event.sender), event.timestamp_ns);
+            }
+            (MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS) => {
+                let Some(sent) = self.initiations.remove(&(key.netns, key.dport, event.receiver)) else { return };
+                let Some(rtt) = event.timestamp_ns.checked_sub(sent) else { return };
+                let remote = if key.family == AF_INET {
+                    IpAddr::from([key.saddr[0], key.saddr[1], key.saddr[2], key.saddr[3]])
+                } else {
+                    IpAddr::from(key.saddr)
+                };
+                if self.handshake_rtt_us.len() >= PENDING_HANDSHAKES {
+                    self.handshake_rtt_us.clear();
+                }
+                self.handshake_rtt_us
+                    .insert((key.netns as u64, key.dport, SocketAddr::new(remote, key.sport)), rtt / 1_000);
+            }
+            _ => {}
+        }
+    }
+
+    /// Writes the events between the previous report and this one.
+    pub fn on_report(&mut self, report: &Report) {
+        let lines = self.diff(report);
+        self.write(&lines);
+    }
+
+    /// The last line, written before wgtrace exits.
+    pub fn finish(&mut self, report: &Report) {
+        let mut lines = self.diff(report);
+        lines.push(json!({
+            "timestamp": now(), "event": "stopped", "netns": null, "interface": null, "peer": null,
+            "duration_seconds": report.duration_seconds, "events_lost": report.events_lost,
+        }));
+        self.write(&lines);
+    }
+
+    fn write(&mut self, lines: &[Value]) {
+        if self.failed || lines.is_empty() {
+            return;
+        }
+        let mut result = Ok(());
+        for line in lines {
+            result = result.and_then(|_| writeln!(self.out, "{line}"));
+        }
+        if let Err(err) = result.and_then(|_| self.out.flush()) {
+            // A reader that went away (`| head`) ends the stream, not the trace.
+            log::warn!("--events: writing to stdout: {err}; no more events are written");
+            self.failed = true;
+        }
+    }
+
+    fn diff(&mut self, report: &Report) -> Vec<Value> {
+        let now = now();
+        let current = snapshot(report);
+        let previous = self.last.take().unwrap_or_default();
+        let mut lines = Vec::new();
+        let line = |event: &str, netns: &str, interface: &str, peer: Option<&PeerReport>, extra: Value| {
+            let mut value = json!({
+                "timestamp": now,
+                "event": event,
+                "netns": netns,
+                "interface": interface,
+                "peer": peer.map(|p| crate::redact::key(&p.public_key)),
+                "peer_name": peer.and_then(|p| p.name.as_deref()).map(crate::names::shown),
+            });
+            if let (Value::Object(map), Value::Object(extra)) = (&mut value, extra) {
+                map.extend(extra);
+            }
+            value
+        };
+        for ((inode, interface), (netns, _)) in &previous {
+            if !current.contains_key(&(*inode, interface.clone())) {
+                lines.push(line("tunnel_gone", netns, interface, None, json!({})));
+            }
+        }
+        for tunnel in &report.tunnels {
+            let key = (tunnel.netns_inode, tunnel.interface.clone());
+            let (netns, interface) = (tunnel.netns.as_str(), tunnel.interface.as_str());
+            let before = previous.get(&key).map(|(_, peers)| peers);
+            if before.is_none() {
+                lines.push(line(
+                    "tunnel_appeared",
+                    netns,
+                    interface,
+                    None,
+                    json!({ "implementation": tunnel.implementation.as_str(), "listen_port": tunnel.listen_port,
+                            "fwmark": tunnel.fwmark }),
+                ));
+            }
+            let empty = BTreeMap::new();
+            let before = before.unwrap_or(&empty);
+            for (public_key, _) in before.iter().filter(|(k, _)| !tunnel.peers.iter().any(|p| &p.public_key == *k)) {
+                let mut value = line("peer_gone", netns, interface, None, json!({}));
+                value["peer"] = json!(crate::redact::key(public_key));
+                lines.push(value);
+            }
+            for peer in &tunnel.peers {
+                let now_state = peer_state(peer);
+                let was = before.get(&peer.public_key);
+                if was.is_none() {
+                    let endpoint = peer.endpoint.map(crate::redact::endpoint);
+                    lines.push(line("peer_appeared", netns, interface, Some(peer), json!({ "endpoint": endpoint })));
+                }
+                let was_route = was.and_then(|w| w.route.as_ref());
+                if let (Some(transport), None) = (&peer.transport, was_route) {
+                    lines.push(line(
+                        "transport_flow",
+                        netns,
+                        interface,
+                        Some(peer),
+                        json!({ "endpoint": peer.endpoint.map(crate::redact::endpoint),
+                                "egress_interface": transport.egress_interface, "mark": transport.mark,
+                                "packets": transport.packets }),
+                    ));
+                }
+                if let Some(route) = &now_state.route
+                    && was_route != Some(route)
+                {
+                    lines.push(line(
+                        "route_decision",
+                        netns,
+                        interface,
+                        Some(peer),
+                        json!({ "egress_interface": route.0, "mark": route.1, "route_table": route.2,
+                                "rule": route.3 }),
+                    ));
+                }
+                let was_verdict = was.and_then(|w| w.verdict.clone());
+                if let Some((verdict, outer)) = &now_state.verdict
+                    && was_verdict.as_ref().map(|v| v.0) != Some(*verdict)
+                {
+                    lines.push(line(
+                        "verdict_change",
+                        netns,
+                        interface,
+                        Some(peer),
+                        json!({ "from": was_verdict.map(|v| v.0), "to": verdict, "nested_in": outer,
+                                "nesting": peer.nesting.map(|n| n.as_str()), "fix": peer.fix }),
+                    ));
+                }
+                let was_handshake = was.and_then(|w| w.last_handshake);
+                if let Some(last) = now_state.last_handshake
+                    && was.is_some()
+                    && was_handshake.is_none_or(|before| last > before)
+                {
+                    let rtt = match (peer.endpoint, tunnel.listen_port) {
+                        (Some(endpoint), Some(port)) => {
+                            self.handshake_rtt_us.remove(&(tunnel.netns_inode, port, endpoint))
+                        }
+                        _ => None,
+                    };
+                    lines.push(line(
+                        "handshake",
+                        netns,
+                        interface,
+                        Some(peer),
+                        json!({ "last_unix_seconds": last, "rtt_us": rtt }),
+                    ));
+                }
+            }
+        }
+        self.last = Some(current);
+        lines
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        correlation::{Nesting, Transport},
+        exporter::metrics::tests::report_of,
+        handshake::Handshake,
+    };
+
+    fn report(nested: bool, handshake: u64, with_wg1: bool) -> Report {
+        let mut peer = crate::correlation::empty_peer_report(&crate::topology::Peer {
+            public_key: "tCfh9vIdYi0RwYCNk5bxfy6W2mKxXIYFzD6cmXk2lH0=".into(),
+            endpoint: Some("192.0.2.200:51821".parse().unwrap()),
+            ..Default::default()
+        });
+        peer.name = Some("wg1-server".into());
+        peer.transport = Some(Transport {
+            egress_interface: if nested { "wg0" } else { "c0" }.into(),
+            mark: if nested { 0 } else { 51820 },
+            route_table: Some(if nested { 51820 } else { 254 }),
+            rule: None,
+            packets: Some(3),
+            bytes: Some(300),
+            received_packets: Some(3),
+        });
+        if nested {
+            peer.nested_in = Some("wg0".into());
+            peer.nesting = Some(Nesting::Accidental);
+        }
+        peer.handshake = Some(Handshake::at(handshake, handshake + 1, std::time::Duration::from_secs(180)));
+        let tunnel = crate::correlation::TunnelReport {
+            interface: "wg1".into(),
+            netns: "wgtlab-client".into(),
+            netns_inode: 7,
+            ifindex: 4,
+            implementation: crate::topology::Implementation::Userspace,
+            fwmark: Some(0),
+            listen_port: Some(51821),
+            peers: vec![peer],
+        };
+        report_of(if with_wg1 { vec![tunnel] } else { Vec::new() })
+    }
+
+    fn lines(stream: &EventStream<Vec<u8>>) -> Vec<Value> {
+        String::from_utf8_lossy(&stream.out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    fn events(lines: &[Value]) -> Vec<&str> {
+        lines.iter().map(|l| l["event"].as_str().unwrap()).collect()
+    }
+
+    #[test]
+    fn appearing_fixing_handshaking_and_going_away() {
+        let mut stream = EventStream::new(Vec::new());
+        stream.on_report(&report(true, 100, true));
+        let first = lines(&stream);
+        assert_eq!(
+            events(&first),
+            ["tunnel_appeared", "peer_appeared", "transport_flow", "route_decision", "verdict_change"]
+        );
+        for line in &first {
+            for key in ["timestamp", "netns", "interface", "peer"] {
+                assert!(line.get(key).is_some(), "{key} in {line}");
+            }
+        }
+        assert_eq!(first[4]["to"], "nested");
+        assert_eq!(first[4]["from"], Value::Null);
+        assert_eq!(first[4]["peer_name"], "wg1-server");
+        // Nothing changed: nothing written.
+        stream.on_report(&report(true, 100, true));
+        assert_eq!(lines(&stream).len(), 5);
+        // The fix: a new route and a verdict change; then a handshake whose
+        // round trip was paired from its messages.
+        let mut initiation =
+            PacketEvent { message_type: MESSAGE_HANDSHAKE_INITIATION, sender: 9, ..Default::default() };
+        initiation.key.netns = 7;
+        initiation.key.sport = 51821;
+        initiation.key.direction = DIR_EGRESS;
+        initiation.timestamp_ns = 1_000_000;
+        let mut response = PacketEvent { message_type: MESSAGE_HANDSHAKE_RESPONSE, receiver: 9, ..Default::default() };
+        response.key = initiation.key;
+        response.key.direction = DIR_INGRESS;
+        response.key.dport = 51821;
+        response.key.sport = 51821;
+        response.key.family = AF_INET;
+        response.key.saddr[..4].copy_from_slice(&[192, 0, 2, 200]);
+        response.timestamp_ns = 1_450_000;
+        stream.on_packet(&initiation);
+        stream.on_packet(&response);
+        stream.on_report(&report(false, 130, true));
+        let all = lines(&stream);
+        let fixed = &all[5..];
+        assert_eq!(events(fixed), ["route_decision", "verdict_change", "handshake"]);
+        assert_eq!((fixed[0]["egress_interface"].as_str(), fixed[0]["mark"].as_u64()), (Some("c0"), Some(51820)));
+        assert_eq!((fixed[1]["from"].as_str(), fixed[1]["to"].as_str()), (Some("nested"), Some("direct")));
+        assert_eq!(fixed[2]["rtt_us"], 450);
+        assert_eq!(fixed[2]["last_unix_seconds"], 130);
+        stream.finish(&report(false, 130, false));
+        let all = lines(&stream);
+        assert_eq!(events(&all[8..]), ["tunnel_gone", "stopped"]);
+    }
+}

@@ -52,6 +52,8 @@ struct Session {
     started: Instant,
     names: crate::names::PeerNames,
     handshake_timeout: Duration,
+    /// `--events`: the line-per-event stream on stdout.
+    events: Option<crate::events::EventStream<std::io::Stdout>>,
     /// Set when transport packets arrived and no verdict was logged yet.
     awaiting_first_verdict: bool,
     first_verdict_logged: bool,
@@ -88,6 +90,9 @@ impl Session {
                         p.key.mark
                     );
                     self.latency.on_handshake(&p);
+                    if let Some(events) = &mut self.events {
+                        events.on_packet(&p);
+                    }
                     self.awaiting_first_verdict |= !self.first_verdict_logged;
                 }
                 Event::Route(r) => log::debug!(
@@ -174,6 +179,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         started,
         names: crate::names::PeerNames::new(options.peer_names),
         handshake_timeout: options.handshake_timeout,
+        events: options.events.then(|| crate::events::EventStream::new(std::io::stdout())),
         awaiting_first_verdict: false,
         first_verdict_logged: false,
     };
@@ -193,7 +199,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let ring = unsafe { AsyncFd::register(session.tracer.events_fd()) }
         .map_err(|e| e.into_parts().1)
         .context("watching the ring buffer")?;
-    let live = !options.json && std::io::stderr().is_terminal();
+    let live = !options.json && !options.events && std::io::stderr().is_terminal();
     // The topology was just discovered: the first refresh is one interval away.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + options.interval, options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -212,8 +218,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = ticker.tick() => {
                 session.refresh_topology()?;
                 session.drain_events();
-                if live || publisher.is_some() {
+                if live || publisher.is_some() || session.events.is_some() {
                     let report = session.report()?;
+                    if let Some(events) = &mut session.events {
+                        events.on_report(&report);
+                    }
                     if live {
                         let mut err = std::io::stderr().lock();
                         // Clear the screen and redraw from the top.
@@ -249,7 +258,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if options.probe {
         latency::probe_nested(&mut report.tunnels, &session.topology);
     }
-    if options.json {
+    if let Some(events) = &mut session.events {
+        // A stream: its last line, and no report after it.
+        events.finish(&report);
+    } else if options.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report::render(&report, &session.tracer.hooks));
