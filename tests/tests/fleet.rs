@@ -68,14 +68,14 @@ fn names_and_handshakes_in_text_json_and_metrics_and_redacted() {
     assert!(age.abs_diff(checked_at - wg_says) <= 1, "age {age} s, wg's handshake {} s ago", checked_at - wg_says);
     assert_eq!(handshake["up"], true, "{handshake}");
     assert_eq!(handshake["timeout_seconds"], 180);
-    // Without a name: null, not absent.
+    // Without the file, wg0's own config comment names it.
     let unnamed = trace_json(1.0, &[]).unwrap();
     assert_eq!(client_peer(&unnamed, "wg0")["name"], "wg0-server");
-    let stale = trace_json(1.0, &["--handshake-timeout", "0.5"]).unwrap();
+    // The lab's last handshake is seconds old by now: down with a 1 s timeout.
+    let stale = trace_json(1.0, &["--handshake-timeout", "1"]).unwrap();
     let stale_wg1 = &client_peer(&stale, "wg1")["handshake"];
-    if stale_wg1["age_seconds"].as_u64().unwrap() >= 1 {
-        assert_eq!(stale_wg1["up"], false, "{stale_wg1}");
-    }
+    assert!(stale_wg1["age_seconds"].as_u64().unwrap() >= 2, "{stale_wg1}");
+    assert_eq!((&stale_wg1["up"], &stale_wg1["timeout_seconds"]), (&false.into(), &1.into()), "{stale_wg1}");
 
     // Text: name first, key prefix after, and the handshake line.
     let text = run_text(&["run", "--duration", "1", "--peer-names", &names]);
@@ -118,4 +118,77 @@ fn names_and_handshakes_in_text_json_and_metrics_and_redacted() {
     let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(value.abs_diff(latest_handshake("wg1")) <= 1, "{line}");
     assert!(body.contains(r#"wgtrace_peer_up{netns="wgtlab-client",interface="wg0",peer="exit-node"} 1"#), "{body}");
+}
+
+/// `run --events` on the lab: the broken-to-fixed transition of wg1 is a
+/// verdict-change line, every line is JSON with the common keys, and the
+/// last one (`stopped`) comes before exit.
+#[test]
+fn events_stream_shows_wg1_going_from_nested_to_direct() {
+    const NAME: &str = "events_stream_shows_wg1_going_from_nested_to_direct";
+    if !privileged_or_skip(NAME) {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions::default()).unwrap();
+    let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    let mut child = Command::new(wgtrace_bin())
+        .args(["run", "--events", "--interval", "0.5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let (sender, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let wait_for = |what: &str, seen: &mut Vec<serde_json::Value>, wanted: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if seen.iter().any(wanted) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {what} in:\n{seen:#?}");
+            if let Ok(line) = lines.recv_timeout(left) {
+                seen.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")));
+            }
+        }
+    };
+    let wg1_verdict = |to: &'static str| {
+        move |e: &serde_json::Value| {
+            e["event"] == "verdict_change" && e["interface"] == "wg1" && e["netns"] == lab::CLIENT && e["to"] == to
+        }
+    };
+    wait_for("wg1 nested", &mut seen, &wg1_verdict("nested"));
+    lab::fix().unwrap();
+    wait_for("wg1 direct after the fix", &mut seen, &wg1_verdict("direct"));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    seen.extend(lines.try_iter().map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))));
+    assert!(status.success(), "wgtrace exited with {status}");
+    let fixed = seen.iter().find(|e| wg1_verdict("direct")(e)).unwrap();
+    assert_eq!(fixed["from"], "nested", "{fixed}");
+    assert_eq!(fixed["peer_name"], "wg1-server", "{fixed}");
+    assert!(
+        seen.iter().any(|e| e["event"] == "route_decision" && e["interface"] == "wg1" && e["mark"] == 51820),
+        "no route decision with the fixed mark: {seen:#?}"
+    );
+    for event in ["tunnel_appeared", "peer_appeared", "transport_flow"] {
+        assert!(seen.iter().any(|e| e["event"] == event), "no {event}: {seen:#?}");
+    }
+    for line in &seen {
+        for key in ["timestamp", "event", "netns", "interface", "peer"] {
+            assert!(line.get(key).is_some(), "{key} missing in {line}");
+        }
+    }
+    assert_eq!(seen.last().unwrap()["event"], "stopped", "{seen:#?}");
 }
