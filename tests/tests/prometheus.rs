@@ -76,8 +76,13 @@ struct Exporter {
 
 impl Exporter {
     fn start(address: &str) -> Self {
+        Self::start_with(address, &[])
+    }
+
+    fn start_with(address: &str, extra: &[&str]) -> Self {
         let child = Command::new(wgtrace_bin())
             .args(["run", "--prometheus", address])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -117,8 +122,12 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(target: &str) -> Self {
+        Self::start_with_rules(target, &std::fs::read_to_string(deploy("prometheus/wgtrace-rules.yml")).unwrap())
+    }
+
+    fn start_with_rules(target: &str, rules: &str) -> Self {
         let dir = TempDir::new("wgtrace-prometheus").unwrap();
-        std::fs::copy(deploy("prometheus/wgtrace-rules.yml"), dir.0.join("wgtrace-rules.yml")).unwrap();
+        std::fs::write(dir.0.join("wgtrace-rules.yml"), rules).unwrap();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n  - wgtrace-rules.yml\n\
@@ -507,4 +516,48 @@ fn prometheus_scrapes_while_two_thousand_slow_clients_hold_connections() {
     assert!(rss_under_attack < rss_before + 64 * 1024, "memory grew from {rss_before} kB to {rss_under_attack} kB");
     let status = exporter.terminate();
     assert_eq!(status.code(), Some(0), "wgtrace exited with {status}");
+}
+
+/// The shipped WireGuardHandshakeStale rule, evaluated by a real
+/// Prometheus against the lab (its `for` shortened, wgtrace's
+/// --handshake-timeout too): quiet while wg1 is idle with an old
+/// handshake, firing once wg1's server is stopped and wg1 sends.
+#[test]
+fn the_handshake_alert_fires_for_a_dead_server_while_sending_and_stays_quiet_when_idle() {
+    const NAME: &str = "the_handshake_alert_fires_for_a_dead_server_while_sending_and_stays_quiet_when_idle";
+    if !privileged_or_skip(NAME) || !tools_or_skip(NAME, &[PROMETHEUS]) {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions::default()).unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let _exporter = Exporter::start_with(&address, &["--handshake-timeout", "3"]);
+    let shipped = std::fs::read_to_string(deploy("prometheus/wgtrace-rules.yml")).unwrap();
+    let stale_rule =
+        shipped.split("- alert: WireGuardHandshakeStale").nth(1).unwrap().split("- alert:").next().unwrap();
+    assert!(stale_rule.contains("        for: 5m\n"), "{stale_rule}");
+    let rules = shipped.replace(stale_rule, &stale_rule.replace("        for: 5m\n", "        for: 2s\n"));
+    let prometheus = Prometheus::start_with_rules(&address, &rules);
+    let wg1 = r#"interface="wg1",netns="wgtlab-client""#;
+    let alert = format!(r#"ALERTS{{alertname="WireGuardHandshakeStale",{wg1}}}"#);
+
+    // Idle: the lab's handshake ages past 3 s, nothing is sent: quiet.
+    prometheus
+        .wait_for_value("wg1's peer down by its handshake age", &format!("wgtrace_peers_up{{{wg1}}}"), |v| v == 0.0);
+    let quiet_until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < quiet_until {
+        assert!(prometheus.query(&alert).is_empty(), "alert on an idle tunnel: {:?}", prometheus.query(&alert));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // wg1's server stops; the client keeps sending (handshake initiations).
+    let state = lab::load_state().unwrap();
+    let server = state.daemons[&format!("{}/wg1", lab::ROUTER)];
+    // SAFETY: signalling the lab's own daemon, recorded by `lab up`.
+    unsafe { libc::kill(server as libc::pid_t, libc::SIGTERM) };
+    let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    let firing = format!(r#"ALERTS{{alertname="WireGuardHandshakeStale",alertstate="firing",{wg1}}}"#);
+    let (labels, _) = prometheus.wait_for_value("the stale-handshake alert firing for wg1", &firing, |v| v == 1.0);
+    assert_eq!(labels["severity"], "warning", "{labels}");
+    // (wg0, which carries that traffic, may alert too: with a 3 s timeout its
+    // handshakes, renewed every 120 s, are stale while it sends.)
 }
