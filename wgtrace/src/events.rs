@@ -61,8 +61,34 @@ fn snapshot(report: &Report) -> Snapshot {
         .collect()
 }
 
+/// `line` as JSON text with the common keys first.
+fn ordered(line: &Value) -> String {
+    const FIRST: [&str; 6] = ["timestamp", "event", "netns", "interface", "peer", "peer_name"];
+    let Value::Object(map) = line else { return line.to_string() };
+    let mut parts: Vec<String> = Vec::with_capacity(map.len());
+    for key in FIRST.iter().copied().chain(map.keys().map(String::as_str).filter(|k| !FIRST.contains(k))) {
+        if let Some(value) = map.get(key) {
+            parts.push(format!("{}:{value}", Value::from(key)));
+        }
+    }
+    format!("{{{}}}", parts.join(","))
+}
+
 fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// One line of the stream.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    timestamp: f64,
+    event: &'a str,
+    netns: Option<&'a str>,
+    interface: Option<&'a str>,
+    peer: Option<String>,
+    peer_name: Option<String>,
+    #[serde(flatten)]
+    extra: serde_json::Map<String, Value>,
 }
 
 /// Turns reports and handshake messages into event lines.
@@ -121,10 +147,19 @@ impl<W: Write> EventStream<W> {
     /// The last line, written before wgtrace exits.
     pub fn finish(&mut self, report: &Report) {
         let mut lines = self.diff(report);
-        lines.push(json!({
-            "timestamp": now(), "event": "stopped", "netns": null, "interface": null, "peer": null,
-            "duration_seconds": report.duration_seconds, "events_lost": report.events_lost,
-        }));
+        let mut extra = serde_json::Map::new();
+        extra.insert("duration_seconds".into(), json!(report.duration_seconds));
+        extra.insert("events_lost".into(), json!(report.events_lost));
+        let stopped = Line {
+            timestamp: now(),
+            event: "stopped",
+            netns: None,
+            interface: None,
+            peer: None,
+            peer_name: None,
+            extra,
+        };
+        lines.push(serde_json::to_value(stopped).unwrap_or_default());
         self.write(&lines);
     }
 
@@ -134,7 +169,9 @@ impl<W: Write> EventStream<W> {
         }
         let mut result = Ok(());
         for line in lines {
-            result = result.and_then(|_| writeln!(self.out, "{line}"));
+            // serde_json's maps are sorted (no preserve_order): the common
+            // keys are put first by hand.
+            result = result.and_then(|_| writeln!(self.out, "{}", ordered(line)));
         }
         if let Err(err) = result.and_then(|_| self.out.flush()) {
             // A reader that went away (`| head`) ends the stream, not the trace.
@@ -149,18 +186,21 @@ impl<W: Write> EventStream<W> {
         let previous = self.last.take().unwrap_or_default();
         let mut lines = Vec::new();
         let line = |event: &str, netns: &str, interface: &str, peer: Option<&PeerReport>, extra: Value| {
-            let mut value = json!({
-                "timestamp": now,
-                "event": event,
-                "netns": netns,
-                "interface": interface,
-                "peer": peer.map(|p| crate::redact::key(&p.public_key)),
-                "peer_name": peer.and_then(|p| p.name.as_deref()).map(crate::names::shown),
-            });
-            if let (Value::Object(map), Value::Object(extra)) = (&mut value, extra) {
-                map.extend(extra);
-            }
-            value
+            let extra = match extra {
+                Value::Object(map) => map,
+                _ => serde_json::Map::new(),
+            };
+            // The common keys first, in this order, for people reading the stream.
+            serde_json::to_value(Line {
+                timestamp: now,
+                event,
+                netns: Some(netns),
+                interface: Some(interface),
+                peer: peer.map(|p| crate::redact::key(&p.public_key)),
+                peer_name: peer.and_then(|p| p.name.as_deref()).map(crate::names::shown),
+                extra,
+            })
+            .unwrap_or_default()
         };
         for ((inode, interface), (netns, _)) in &previous {
             if !current.contains_key(&(*inode, interface.clone())) {
@@ -355,6 +395,9 @@ mod tests {
         assert_eq!((fixed[1]["from"].as_str(), fixed[1]["to"].as_str()), (Some("nested"), Some("direct")));
         assert_eq!(fixed[2]["rtt_us"], 450);
         assert_eq!(fixed[2]["last_unix_seconds"], 130);
+        let raw = String::from_utf8_lossy(&stream.out).into_owned();
+        assert!(raw.lines().all(|l| l.starts_with(r#"{"timestamp":"#)), "{raw}");
+        assert!(raw.lines().all(|l| l.contains(r#","event":""#)), "{raw}");
         stream.finish(&report(false, 130, false));
         let all = lines(&stream);
         assert_eq!(events(&all[8..]), ["tunnel_gone", "stopped"]);

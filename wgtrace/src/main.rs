@@ -38,7 +38,7 @@ Examples:
   sudo wgtrace run --prometheus :9586   serve metrics on 127.0.0.1:9586 until SIGTERM (deploy/ has examples)
   sudo wgtrace run --max-traced-rate 0  trace every packet, even where that costs throughput
   sudo wgtrace run --peer-names /etc/wgtrace/peers  name peers (`PUBLIC_KEY = NAME` lines)
-  sudo wgtrace run --prometheus :9586 --peer-metrics  per-peer series too (one set per peer)
+  sudo wgtrace run --prometheus :9586 --peer-metrics  per-peer series instead of per-tunnel ones
   sudo wgtrace run --events | jq .      one JSON line per event (flows, routes, verdicts, handshakes)")]
     Run {
         /// Stop after this many seconds (default: run until Ctrl-C or SIGTERM).
@@ -87,8 +87,8 @@ Examples:
         peer_names: Option<std::path::PathBuf>,
         /// A peer counts as up when its last handshake is at most this old
         /// (WireGuard rekeys every 120 s while in use; 180 allows retries).
-        #[arg(long, value_name = "SECONDS", default_value_t = 180.0)]
-        handshake_timeout: f64,
+        #[arg(long, value_name = "SECONDS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..))]
+        handshake_timeout: u64,
         /// Export per-peer series (a `peer` label: its name, else the first 8
         /// characters of its key) instead of per-tunnel ones: one set of
         /// series per peer, so leave it off on hubs with many peers.
@@ -175,7 +175,7 @@ fn main() -> std::process::ExitCode {
                         .map(wgtrace::names::load_names_file)
                         .transpose()?
                         .unwrap_or_default(),
-                    handshake_timeout: seconds(handshake_timeout, "handshake-timeout")?,
+                    handshake_timeout: Duration::from_secs(handshake_timeout),
                     peer_metrics,
                     events,
                     scope: match (netns, current_netns) {
