@@ -360,6 +360,9 @@ fn grafana_dashboard_uses_the_exported_families() {
         "wgtrace_inner_rtt_seconds_count",
         "wgtrace_events_lost_total",
         "wgtrace_build_info",
+        "wgtrace_peers",
+        "wgtrace_peers_up",
+        "wgtrace_peer_last_handshake_timestamp_seconds",
         "up",
     ];
     let exprs = dashboard_queries();

@@ -300,3 +300,30 @@ async fn metrics_response(format: Format, report: Arc<Report>, series: metrics::
     headers.insert(header::VARY, HeaderValue::from_static("Accept"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_are_summed_into_one_line_per_interval() {
+        let dropped = Dropped::default();
+        assert_eq!(dropped.summary(1024), None, "nothing to say, no line");
+        for _ in 0..1500 {
+            dropped.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+        dropped.timed_out.fetch_add(7, Ordering::Relaxed);
+        let line = dropped.summary(1024).unwrap();
+        assert!(line.contains("1500 closed as the oldest idle at the cap of 1024"), "{line}");
+        assert!(line.contains("7 sent no complete request within 3s"), "{line}");
+        assert!(!line.contains("refused"), "{line}");
+        assert_eq!(dropped.summary(1024), None, "counts start again after each line");
+    }
+
+    #[test]
+    fn the_cap_fits_the_open_file_limit() {
+        assert_eq!(connection_cap(1024), 768);
+        assert_eq!(connection_cap(524_288), MAX_CONNECTIONS);
+        assert_eq!(connection_cap(100), 16);
+    }
+}
