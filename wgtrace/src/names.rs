@@ -43,7 +43,7 @@ fn clean(name: &str) -> Option<String> {
 fn is_public_key(key: &str) -> bool {
     key.len() == 44
         && key.ends_with('=')
-        && key[..43].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+        && key.as_bytes()[..43].iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
 }
 
 /// Parses a `--peer-names` file: `PUBLIC_KEY = NAME` per line, `#` comments
