@@ -169,12 +169,20 @@ fn events_stream_shows_wg1_going_from_nested_to_direct() {
     wait_for("wg1 nested", &mut seen, &wg1_verdict("nested"));
     lab::fix().unwrap();
     wait_for("wg1 direct after the fix", &mut seen, &wg1_verdict("direct"));
+    // A fresh handshake initiated by wg1 (its peer removed and re-added, the
+    // ping restarts it): a handshake line with its round trip.
+    lab::rekey("wg1").unwrap();
+    wait_for("wg1's handshake with its RTT", &mut seen, &|e| {
+        e["event"] == "handshake" && e["interface"] == "wg1" && e["netns"] == lab::CLIENT && e["rtt_us"].is_u64()
+    });
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     let status = child.wait().unwrap();
     reader.join().unwrap();
     seen.extend(lines.try_iter().map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))));
     assert!(status.success(), "wgtrace exited with {status}");
+    let handshake = seen.iter().find(|e| e["event"] == "handshake" && e["interface"] == "wg1").unwrap();
+    println!("{} event lines; wg1's handshake after the rekey: {handshake}", seen.len());
     let fixed = seen.iter().find(|e| wg1_verdict("direct")(e)).unwrap();
     assert_eq!(fixed["from"], "nested", "{fixed}");
     assert_eq!(fixed["peer_name"], "wg1-server", "{fixed}");

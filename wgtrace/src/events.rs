@@ -183,6 +183,8 @@ impl<W: Write> EventStream<W> {
     fn diff(&mut self, report: &Report) -> Vec<Value> {
         let now = now();
         let current = snapshot(report);
+        // Handshakes from before the first report are history, not events.
+        let first = self.last.is_none();
         let previous = self.last.take().unwrap_or_default();
         let mut lines = Vec::new();
         let line = |event: &str, netns: &str, interface: &str, peer: Option<&PeerReport>, extra: Value| {
@@ -273,8 +275,9 @@ impl<W: Write> EventStream<W> {
                     ));
                 }
                 let was_handshake = was.and_then(|w| w.last_handshake);
+                // A peer removed and added again (a rekey) counts as new.
                 if let Some(last) = now_state.last_handshake
-                    && was.is_some()
+                    && !first
                     && was_handshake.is_none_or(|before| last > before)
                 {
                     let rtt = match (peer.endpoint, tunnel.listen_port) {
