@@ -4,7 +4,8 @@
 //! `tokio::sync::watch` channel holding the latest `Arc<Report>`); the HTTP
 //! side renders the exposition from that snapshot on each scrape, in
 //! OpenMetrics or the Prometheus text format 0.0.4 as the `Accept` header
-//! asks. Publishing never waits, so tracing never waits on HTTP.
+//! asks. Publishing never waits, so tracing never waits on HTTP; the server
+//! runs on a thread of its own.
 //!
 //! * [`metrics`]: the metric families and content negotiation.
 //! * [`buckets`]: histogram buckets from the latency histograms.
@@ -21,7 +22,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::watch;
 
 pub use metrics::{Format, Series, encode, encode_with, negotiate};
 
@@ -53,6 +54,9 @@ pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
     loopback(text).map_err(|_| invalid())
 }
 
+/// Connections waiting to be accepted, at most.
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// A listening socket for the metrics, bound before tracing starts so a
 /// taken port fails fast.
 pub struct Exporter {
@@ -67,6 +71,14 @@ impl Exporter {
     pub fn bind(address: SocketAddr) -> Result<Self> {
         let listener = std::net::TcpListener::bind(address).map_err(|err| bind_error(address, &err))?;
         listener.set_nonblocking(true).context("making the metrics socket non-blocking")?;
+        // std listens with a backlog of 128: a flood of reconnecting clients
+        // fills that queue and the kernel drops the next scrape's SYN (a 1 s
+        // retransmit, a failed scrape). Listening again only sets a longer
+        // queue (capped by net.core.somaxconn).
+        // SAFETY: listen(2) on a socket we own.
+        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), LISTEN_BACKLOG) } != 0 {
+            log::info!("lengthening the metrics accept queue: {}", std::io::Error::last_os_error());
+        }
         let address = listener.local_addr().unwrap_or(address);
         let cap = server::connection_cap(raise_open_file_limit());
         if !address.ip().is_loopback() {
@@ -92,11 +104,41 @@ impl Exporter {
     /// Starts serving on the current tokio runtime, with `first` as the
     /// snapshot until the next [`Publisher::publish`].
     pub fn start(self, first: Report) -> Result<Publisher> {
-        let listener = tokio::net::TcpListener::from_std(self.listener).context("serving the metrics socket")?;
         let (sender, receiver) = watch::channel(Arc::new(first));
-        let server = tokio::spawn(server::serve(listener, receiver, self.cap, self.series));
+        // Its own thread and runtime: nothing the run loop does (rediscovery,
+        // a slow daemon's UAPI socket) can delay a scrape, and nothing a
+        // flood of clients does can delay tracing. The runtime is made and
+        // dropped on that thread (never inside the caller's runtime).
+        let (listener, cap, series) = (self.listener, self.cap, self.series);
+        let (started, result) = std::sync::mpsc::channel::<Result<()>>();
+        let server = std::thread::Builder::new()
+            .name("wgtrace-metrics".into())
+            .spawn(move || {
+                let serving = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the metrics server's runtime")
+                    .and_then(|runtime| {
+                        let listener = {
+                            let _entered = runtime.enter();
+                            tokio::net::TcpListener::from_std(listener).context("serving the metrics socket")?
+                        };
+                        Ok((runtime, listener))
+                    });
+                match serving {
+                    Ok((runtime, listener)) => {
+                        let _ = started.send(Ok(()));
+                        runtime.block_on(server::serve(listener, receiver, cap, series));
+                    }
+                    Err(err) => {
+                        let _ = started.send(Err(err));
+                    }
+                }
+            })
+            .context("starting the metrics server's thread")?;
+        result.recv().context("the metrics server's thread ended at start")??;
         eprintln!("wgtrace: serving Prometheus metrics on http://{}/metrics", self.address);
-        Ok(Publisher { sender, server })
+        Ok(Publisher { sender: Some(sender), server: Some(server) })
     }
 }
 
@@ -152,19 +194,26 @@ fn bind_error(address: SocketAddr, err: &std::io::Error) -> anyhow::Error {
 /// the snapshot the scrapes read, and never waits. Dropping it stops the
 /// server and closes its connections.
 pub struct Publisher {
-    sender: watch::Sender<Arc<Report>>,
-    server: JoinHandle<()>,
+    sender: Option<watch::Sender<Arc<Report>>>,
+    server: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Publisher {
     pub fn publish(&self, report: Report) {
-        self.sender.send_replace(Arc::new(report));
+        if let Some(sender) = &self.sender {
+            sender.send_replace(Arc::new(report));
+        }
     }
 }
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        self.server.abort();
+        // The server ends when the channel closes; its connections and the
+        // listening socket are gone once the thread is joined.
+        drop(self.sender.take());
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
     }
 }
 

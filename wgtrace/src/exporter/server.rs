@@ -47,7 +47,7 @@ use crate::report::Report;
 
 /// Connections kept at most (lowered to fit the open-file limit, see
 /// [`connection_cap`]); at the cap the oldest idle one makes room.
-const MAX_CONNECTIONS: usize = 1024;
+const MAX_CONNECTIONS: usize = 2048;
 /// A request's headers must arrive within this time of the connection
 /// being accepted or of its previous response.
 pub(super) const HEADER_DEADLINE: Duration = Duration::from_secs(3);
@@ -109,8 +109,8 @@ struct Open {
     busy: Arc<AtomicBool>,
 }
 
-/// Accepts connections until the task is aborted; aborting it also drops
-/// every connection (they live in its `JoinSet`).
+/// Accepts connections until the report channel closes (the publisher is
+/// dropped); returning drops every connection (they live in its `JoinSet`).
 pub(super) async fn serve(
     listener: TcpListener,
     reports: watch::Receiver<Arc<Report>>,
@@ -123,8 +123,14 @@ pub(super) async fn serve(
     let mut open: BTreeMap<u64, Open> = BTreeMap::new();
     let mut next_id = 0u64;
     let mut log_tick = tokio::time::interval_at(Instant::now() + LOG_INTERVAL, LOG_INTERVAL);
+    let mut closed = reports.clone();
     loop {
         tokio::select! {
+            changed = closed.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     if open.len() >= cap {
