@@ -76,8 +76,13 @@ struct Exporter {
 
 impl Exporter {
     fn start(address: &str) -> Self {
+        Self::start_with(address, &[])
+    }
+
+    fn start_with(address: &str, extra: &[&str]) -> Self {
         let child = Command::new(wgtrace_bin())
             .args(["run", "--prometheus", address])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -117,8 +122,12 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(target: &str) -> Self {
+        Self::start_with_rules(target, &std::fs::read_to_string(deploy("prometheus/wgtrace-rules.yml")).unwrap())
+    }
+
+    fn start_with_rules(target: &str, rules: &str) -> Self {
         let dir = TempDir::new("wgtrace-prometheus").unwrap();
-        std::fs::copy(deploy("prometheus/wgtrace-rules.yml"), dir.0.join("wgtrace-rules.yml")).unwrap();
+        std::fs::write(dir.0.join("wgtrace-rules.yml"), rules).unwrap();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n  - wgtrace-rules.yml\n\
@@ -351,6 +360,9 @@ fn grafana_dashboard_uses_the_exported_families() {
         "wgtrace_inner_rtt_seconds_count",
         "wgtrace_events_lost_total",
         "wgtrace_build_info",
+        "wgtrace_peers",
+        "wgtrace_peers_up",
+        "wgtrace_peer_last_handshake_timestamp_seconds",
         "up",
     ];
     let exprs = dashboard_queries();
@@ -364,4 +376,194 @@ fn grafana_dashboard_uses_the_exported_families() {
             assert!(families.contains(&name), "{name} in `{expr}` is not exported");
         }
     }
+}
+
+/// Clients that connect, send half a request and drip a byte now and then,
+/// reconnecting whenever the server closes them; plus one that sends
+/// megabytes of headers, over and over. Stops when dropped.
+struct SlowClients {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl SlowClients {
+    fn start(address: &str, count: usize) -> Self {
+        use std::{io::Write as _, net::TcpStream, sync::atomic::Ordering};
+        raise_open_file_limit();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connect = |address: &str| {
+            let mut stream = TcpStream::connect(address).ok()?;
+            stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").ok()?;
+            stream.set_nonblocking(true).ok()?;
+            Some(stream)
+        };
+        let mut slow: Vec<Option<TcpStream>> = (0..count).map(|_| connect(address)).collect();
+        let dripping = {
+            let (stop, address) = (stop.clone(), address.to_owned());
+            std::thread::spawn(move || {
+                let mut reconnects = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    for slot in &mut slow {
+                        let alive = slot.as_mut().is_some_and(|s| match s.write(b"X") {
+                            Ok(_) => true,
+                            Err(err) => err.kind() == std::io::ErrorKind::WouldBlock,
+                        });
+                        if !alive {
+                            *slot = connect(&address);
+                            reconnects += 1;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                reconnects
+            })
+        };
+        let huge = {
+            let (stop, address) = (stop.clone(), address.to_owned());
+            std::thread::spawn(move || {
+                let line = format!("X-Padding: {}\r\n", "a".repeat(1000));
+                let mut cut_off = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut stream) = TcpStream::connect(&address) else { continue };
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+                    let mut sent = 0usize;
+                    while sent < 8 << 20 && stream.write_all(line.as_bytes()).is_ok() {
+                        sent += line.len();
+                    }
+                    assert!(sent < 8 << 20, "the exporter took in 8 MB of headers");
+                    cut_off += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                cut_off
+            })
+        };
+        Self { stop, threads: vec![dripping, huge] }
+    }
+
+    /// Stops them: (reconnects of the slow ones, huge requests cut off).
+    fn stop(mut self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut results = self.threads.drain(..).map(|t| t.join().expect("a client thread panicked"));
+        (results.next().unwrap(), results.next().unwrap())
+    }
+}
+
+impl Drop for SlowClients {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit on a local rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+}
+
+/// A process's peak resident memory in kB.
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn prometheus_scrapes_while_two_thousand_slow_clients_hold_connections() {
+    const NAME: &str = "prometheus_scrapes_while_two_thousand_slow_clients_hold_connections";
+    if !privileged_or_skip(NAME) || !tools_or_skip(NAME, &[PROMETHEUS]) {
+        return;
+    }
+    // No lab: the exporter is the subject, whatever the host's tunnels. The
+    // lab lock all the same: a 1 s bound should not share two cores with
+    // another test's lab traffic and tracer.
+    let _alone = lab::lock().unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let exporter = Exporter::start(&address);
+    wait_for("wgtrace's metrics endpoint", Duration::from_secs(30), || {
+        exporter.metrics(CLASSIC).ok().filter(|r| r.status == 200)
+    });
+    let pid = exporter.child.as_ref().unwrap().id();
+    let rss_before = peak_rss_kb(pid);
+    let prometheus = Prometheus::start(&address);
+    prometheus.wait_for_value("a first scrape", r#"up{job="wgtrace"}"#, |v| v == 1.0);
+
+    let clients = SlowClients::start(&address, 2000);
+    // Long enough for slow clients to be dropped at the header deadline and
+    // to reconnect, several scrapes one second apart.
+    std::thread::sleep(Duration::from_secs(8));
+    let window = r#"[6s]"#;
+    let scrapes = prometheus.query(&format!(r#"count_over_time(up{{job="wgtrace"}}{window})"#));
+    let answered = prometheus.query(&format!(r#"sum_over_time(up{{job="wgtrace"}}{window})"#));
+    let slowest = prometheus.query(&format!(r#"max_over_time(scrape_duration_seconds{{job="wgtrace"}}{window})"#));
+    let rss_under_attack = peak_rss_kb(pid);
+    let (reconnects, cut_off) = clients.stop();
+    println!(
+        "under 2 000 slow clients ({reconnects} reconnects after being closed) and {cut_off} 8 MB header floods: \
+         {scrapes:?} scrapes, {answered:?} answered, slowest {slowest:?} s; wgtrace peak RSS {rss_before} kB before, \
+         {rss_under_attack} kB after"
+    );
+    assert!(scrapes.first().is_some_and(|(_, n)| *n >= 4.0), "too few scrapes: {scrapes:?}\n{}", prometheus.log());
+    assert_eq!(
+        scrapes.first().map(|(_, n)| *n),
+        answered.first().map(|(_, n)| *n),
+        "scrapes failed under the flood\n{}",
+        prometheus.log()
+    );
+    let slowest = slowest.first().map(|(_, v)| *v).unwrap_or(f64::INFINITY);
+    assert!(slowest < 1.0, "the slowest scrape took {slowest} s");
+    assert!(cut_off > 0, "the header flood never got cut off");
+    assert!(rss_under_attack < rss_before + 64 * 1024, "memory grew from {rss_before} kB to {rss_under_attack} kB");
+    let status = exporter.terminate();
+    assert_eq!(status.code(), Some(0), "wgtrace exited with {status}");
+}
+
+/// The shipped WireGuardHandshakeStale rule, evaluated by a real
+/// Prometheus against the lab (its `for` shortened, wgtrace's
+/// --handshake-timeout too): quiet while wg1 is idle with an old
+/// handshake, firing once wg1's server is stopped and wg1 sends.
+#[test]
+fn the_handshake_alert_fires_for_a_dead_server_while_sending_and_stays_quiet_when_idle() {
+    const NAME: &str = "the_handshake_alert_fires_for_a_dead_server_while_sending_and_stays_quiet_when_idle";
+    if !privileged_or_skip(NAME) || !tools_or_skip(NAME, &[PROMETHEUS]) {
+        return;
+    }
+    let _lab = LabGuard::up(&lab::LabOptions::default()).unwrap();
+    let address = format!("127.0.0.1:{}", free_port());
+    let _exporter = Exporter::start_with(&address, &["--handshake-timeout", "3"]);
+    let shipped = std::fs::read_to_string(deploy("prometheus/wgtrace-rules.yml")).unwrap();
+    let stale_rule =
+        shipped.split("- alert: WireGuardHandshakeStale").nth(1).unwrap().split("- alert:").next().unwrap();
+    assert!(stale_rule.contains("        for: 5m\n"), "{stale_rule}");
+    let rules = shipped.replace(stale_rule, &stale_rule.replace("        for: 5m\n", "        for: 2s\n"));
+    let prometheus = Prometheus::start_with_rules(&address, &rules);
+    let wg1 = r#"interface="wg1",netns="wgtlab-client""#;
+    let alert = format!(r#"ALERTS{{alertname="WireGuardHandshakeStale",{wg1}}}"#);
+
+    // Idle: the lab's handshake ages past 3 s, nothing is sent: quiet.
+    prometheus
+        .wait_for_value("wg1's peer down by its handshake age", &format!("wgtrace_peers_up{{{wg1}}}"), |v| v == 0.0);
+    let quiet_until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < quiet_until {
+        assert!(prometheus.query(&alert).is_empty(), "alert on an idle tunnel: {:?}", prometheus.query(&alert));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    // wg1's server stops; the client keeps sending (handshake initiations).
+    let state = lab::load_state().unwrap();
+    let server = state.daemons[&format!("{}/wg1", lab::ROUTER)];
+    // SAFETY: signalling the lab's own daemon, recorded by `lab up`.
+    unsafe { libc::kill(server as libc::pid_t, libc::SIGTERM) };
+    let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    let firing = format!(r#"ALERTS{{alertname="WireGuardHandshakeStale",alertstate="firing",{wg1}}}"#);
+    let (labels, _) = prometheus.wait_for_value("the stale-handshake alert firing for wg1", &firing, |v| v == 1.0);
+    assert_eq!(labels["severity"], "warning", "{labels}");
+    // (wg0, which carries that traffic, may alert too: with a 3 s timeout its
+    // handshakes, renewed every 120 s, are stale while it sends.)
 }

@@ -91,8 +91,15 @@ pub struct Fix {
 pub struct PeerReport {
     #[serde(serialize_with = "crate::redact::serialize_key")]
     pub public_key: String,
+    /// A friendly name (config comment or `--peer-names`); filled in by
+    /// [`crate::names::PeerNames::annotate`].
+    #[serde(serialize_with = "crate::names::serialize_name")]
+    pub name: Option<String>,
     #[serde(serialize_with = "crate::redact::serialize_endpoint")]
     pub endpoint: Option<SocketAddr>,
+    /// Filled in by [`crate::handshake::annotate`] (`run` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake: Option<crate::handshake::Handshake>,
     pub transport: Option<Transport>,
     /// The interface of the tunnel this one's transport rides inside.
     pub nested_in: Option<String>,
@@ -158,7 +165,9 @@ pub fn correlate(topology: &Topology, seen: &Observations, oracle: &dyn RouteOra
 pub fn empty_peer_report(peer: &crate::topology::Peer) -> PeerReport {
     PeerReport {
         public_key: peer.public_key.clone(),
+        name: None,
         endpoint: peer.endpoint,
+        handshake: None,
         transport: None,
         nested_in: None,
         nesting: None,

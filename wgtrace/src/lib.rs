@@ -7,12 +7,18 @@
 //! * [`report`]: terminal and JSON output.
 //! * [`run`]: the `wgtrace run` command that ties them together.
 //! * [`exporter`]: `run --prometheus`, the metrics endpoint.
+//! * [`names`]: peer names from config comments and `--peer-names`.
+//! * [`handshake`]: per-peer handshake age and whether the peer is up.
+//! * [`events`]: `run --events`, one JSON line per change.
 //! * [`check`]: `wgtrace check`, the static diagnosis from routing alone.
 
 pub mod check;
 pub mod correlation;
+pub mod events;
 pub mod exporter;
+pub mod handshake;
 pub mod latency;
+pub mod names;
 pub mod privileges;
 pub mod probes;
 pub mod redact;

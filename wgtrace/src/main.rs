@@ -36,6 +36,9 @@ Examples:
   sudo wgtrace run --netns blue         only tunnels in `ip netns` namespace blue
   sudo wgtrace run --duration 10 --probe  also measure what a nested tunnel's fix would save
   sudo wgtrace run --prometheus :9586   serve metrics on 127.0.0.1:9586 until SIGTERM (deploy/ has examples)
+  sudo wgtrace run --peer-names /etc/wgtrace/peers  name peers (`PUBLIC_KEY = NAME` lines)
+  sudo wgtrace run --prometheus :9586 --peer-metrics  per-peer series instead of per-tunnel ones
+  sudo wgtrace run --events | jq .      one JSON line per event (flows, routes, verdicts, handshakes)
 
 Every packet is traced, continuously; packets that are not a known tunnel's leave the programs after a
 header read and one bit test (docs/performance.md).")]
@@ -73,6 +76,27 @@ header read and one bit test (docs/performance.md).")]
         /// address whoever can reach it can read tunnel names and counts.
         #[arg(long, value_name = "ADDR", value_parser = wgtrace::exporter::parse_address)]
         prometheus: Option<std::net::SocketAddr>,
+        /// Peer names from FILE: one `PUBLIC_KEY = NAME` per line (`#`
+        /// comments). `# friendly_name = NAME` comments in the [Peer]
+        /// sections of /etc/wireguard/IFACE.conf (on the host, or in a
+        /// userspace daemon's mount namespace) are read too; the file wins.
+        #[arg(long, value_name = "FILE")]
+        peer_names: Option<std::path::PathBuf>,
+        /// A peer counts as up when its last handshake is at most this old
+        /// (WireGuard rekeys every 120 s while in use; 180 allows retries).
+        #[arg(long, value_name = "SECONDS", default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..))]
+        handshake_timeout: u64,
+        /// Export per-peer series (a `peer` label: its name, else the first 8
+        /// characters of its key) instead of per-tunnel ones: one set of
+        /// series per peer, so leave it off on hubs with many peers.
+        #[arg(long, requires = "prometheus")]
+        peer_metrics: bool,
+        /// Write one JSON object per line to stdout for each event: transport
+        /// flow seen, route decision, verdict change, handshake, tunnel or peer
+        /// appearing or going away (schema: docs/json.md). The final report
+        /// is not printed; the live view is off.
+        #[arg(long, conflicts_with = "json")]
+        events: bool,
         /// More detail on stderr (repeat for debug output).
         #[arg(short, long, action = clap::ArgAction::Count)]
         verbose: u8,
@@ -130,6 +154,10 @@ fn main() -> std::process::ExitCode {
             probe,
             drop_privileges,
             prometheus,
+            peer_names,
+            handshake_timeout,
+            peer_metrics,
+            events,
             verbose,
         } => {
             init_logging(verbose);
@@ -141,6 +169,14 @@ fn main() -> std::process::ExitCode {
                     probe,
                     drop_privileges,
                     prometheus,
+                            peer_names: peer_names
+                        .as_deref()
+                        .map(wgtrace::names::load_names_file)
+                        .transpose()?
+                        .unwrap_or_default(),
+                    handshake_timeout: Duration::from_secs(handshake_timeout),
+                    peer_metrics,
+                    events,
                     scope: match (netns, current_netns) {
                         (Some(name), _) => Scope::Named(name),
                         (None, true) => Scope::Current,

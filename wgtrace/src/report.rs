@@ -59,7 +59,14 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
         for peer in &tunnel.peers {
             let endpoint = peer.endpoint.map(crate::redact::endpoint).unwrap_or_else(|| "no endpoint".into());
             let key: String = crate::redact::key(&peer.public_key).chars().take(17).collect();
-            let _ = write!(out, "    peer {key}… → {endpoint}: ");
+            match &peer.name {
+                Some(name) => {
+                    let _ = write!(out, "    peer {} ({key}…) → {endpoint}: ", crate::names::shown(name));
+                }
+                None => {
+                    let _ = write!(out, "    peer {key}… → {endpoint}: ");
+                }
+            }
             match &peer.transport {
                 None => out.push_str("no transport packets seen yet\n"),
                 Some(t) => {
@@ -86,6 +93,9 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
                 _ => {}
             }
             render_diagnosis(&mut out, peer, "      ");
+            if let Some(handshake) = &peer.handshake {
+                render_handshake(&mut out, handshake);
+            }
             if let Some(latency) = &peer.latency {
                 render_latency(&mut out, latency);
             }
@@ -135,6 +145,22 @@ pub fn render_diagnosis(out: &mut String, peer: &PeerReport, indent: &str) {
         let _ = writeln!(out, "{indent}     systemd-networkd: {}", fix.systemd_networkd);
         let _ = writeln!(out, "{indent}     NetworkManager: {}", fix.network_manager);
         let _ = writeln!(out, "{indent}     verified: would leave via {}", fix.verified_egress_interface);
+    }
+}
+
+fn render_handshake(out: &mut String, handshake: &crate::handshake::Handshake) {
+    let state = if handshake.up {
+        "up".to_owned()
+    } else {
+        format!("DOWN (no handshake within {} s)", handshake.timeout_seconds)
+    };
+    match handshake.age_seconds {
+        Some(age) => {
+            let _ = writeln!(out, "      handshake: {}, {state}", crate::handshake::human_age(age));
+        }
+        None => {
+            let _ = writeln!(out, "      handshake: none yet, {state}");
+        }
     }
 }
 

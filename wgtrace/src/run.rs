@@ -35,6 +35,14 @@ pub struct RunOptions {
     pub drop_privileges: bool,
     /// Serve Prometheus metrics on this address (`--prometheus`).
     pub prometheus: Option<std::net::SocketAddr>,
+    /// Names by public key from `--peer-names` (config comments are read too).
+    pub peer_names: std::collections::HashMap<String, String>,
+    /// A peer is up with a handshake within this (`--handshake-timeout`).
+    pub handshake_timeout: Duration,
+    /// Per-peer metric series (`--peer-metrics`).
+    pub peer_metrics: bool,
+    /// One JSON line per event on stdout (`--events`).
+    pub events: bool,
 }
 
 struct Session {
@@ -42,6 +50,10 @@ struct Session {
     latency: LatencyTracker,
     topology: Topology,
     started: Instant,
+    names: crate::names::PeerNames,
+    handshake_timeout: Duration,
+    /// `--events`: the line-per-event stream on stdout.
+    events: Option<crate::events::EventStream<std::io::Stdout>>,
     /// Set when transport packets arrived and no verdict was logged yet.
     awaiting_first_verdict: bool,
     first_verdict_logged: bool,
@@ -72,7 +84,10 @@ impl Session {
                         p.path.mark
                     );
                     if let Some(peer) = self.tracer.peer_of_slot(p.path.peer) {
-                        self.latency.on_handshake(((peer.netns, peer.ifindex), &peer.public_key), &p);
+                        let rtt = self.latency.on_handshake(((peer.netns, peer.ifindex), &peer.public_key), &p);
+                        if let (Some(events), Some(rtt)) = (&mut self.events, rtt) {
+                            events.on_handshake_rtt(peer.netns, &peer.public_key, rtt);
+                        }
                     }
                     self.awaiting_first_verdict |= !self.first_verdict_logged;
                 }
@@ -115,7 +130,7 @@ impl Session {
         Ok(())
     }
 
-    fn report(&self) -> Result<Report> {
+    fn report(&mut self) -> Result<Report> {
         let paths = self.tracer.paths()?;
         let routes = self.tracer.routes()?;
         let slot = |netns: u64, ifindex: u32, public_key: &str| {
@@ -124,6 +139,8 @@ impl Session {
         let seen = Observations { paths: &paths, routes: &routes, slot: &slot };
         let mut tunnels = correlation::correlate(&self.topology, &seen, &self.topology);
         latency::annotate(&mut tunnels, &self.latency);
+        self.names.annotate(&mut tunnels, &self.topology);
+        crate::handshake::annotate(&mut tunnels, &self.topology, self.handshake_timeout);
         let route_lookups = correlation::lookups_by_mark_and_table(&routes)
             .into_iter()
             .map(|(mark, table, lookups)| RouteLookups { mark, table, lookups })
@@ -152,7 +169,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10)
     };
     // Bound before tracing starts, so a taken port fails fast.
-    let exporter = options.prometheus.map(Exporter::bind).transpose()?;
+    let series =
+        if options.peer_metrics { crate::exporter::Series::PerPeer } else { crate::exporter::Series::PerTunnel };
+    let exporter = options.prometheus.map(Exporter::bind).transpose()?.map(|e| e.with_series(series));
     // Handlers first: a signal that arrives once programs are attached must
     // end in a clean exit and report, not the default action.
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -172,6 +191,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         latency: LatencyTracker::new(),
         topology: Topology::default(),
         started,
+        names: crate::names::PeerNames::new(options.peer_names),
+        handshake_timeout: options.handshake_timeout,
+        events: options.events.then(|| crate::events::EventStream::new(std::io::stdout())),
         awaiting_first_verdict: false,
         first_verdict_logged: false,
     };
@@ -200,7 +222,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let ring = unsafe { AsyncFd::register(session.tracer.events_fd()) }
         .map_err(|e| e.into_parts().1)
         .context("watching the ring buffer")?;
-    let live = !options.json && std::io::stderr().is_terminal();
+    let live = !options.json && !options.events && std::io::stderr().is_terminal();
     // The topology was just discovered: the first refresh is one interval away.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + options.interval, options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -219,8 +241,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
             _ = ticker.tick() => {
                 session.drain_events();
-                if live || publisher.is_some() {
+                if live || publisher.is_some() || session.events.is_some() {
                     let report = session.report()?;
+                    if let Some(events) = &mut session.events {
+                        events.on_report(&report);
+                    }
                     if live {
                         let mut err = std::io::stderr().lock();
                         // Clear the screen and redraw from the top.
@@ -255,7 +280,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if options.probe {
         latency::probe_nested(&mut report.tunnels, &session.topology);
     }
-    if options.json {
+    if let Some(events) = &mut session.events {
+        // A stream: its last line, and no report after it.
+        events.finish(&report);
+    } else if options.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report::render(&report, &session.tracer.hooks));

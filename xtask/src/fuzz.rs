@@ -6,7 +6,7 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, Result};
 
-pub const TARGETS: &[&str] = &["wire", "uapi", "netlink", "btf", "wgquick", "events"];
+pub const TARGETS: &[&str] = &["wire", "uapi", "netlink", "btf", "wgquick", "events", "peer_names"];
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn ensure_cargo_fuzz() -> Result<()> {

@@ -229,9 +229,13 @@ fn wg_quick_up(namespace: &str, config: &Path, state: &LabState) -> Result<()> {
     ns(
         namespace,
         &format!(
-            "mount --bind {dir} /run/wireguard; WG_QUICK_USERSPACE_IMPLEMENTATION={implementation} \
+            // The namespace's configs also appear as the daemon's
+            // /etc/wireguard, where wgtrace looks for peer names.
+            "mount --bind {dir} /run/wireguard; mount --bind {configs} /etc/wireguard; \
+             WG_QUICK_USERSPACE_IMPLEMENTATION={implementation} \
              WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wg-quick up {config} 2>&1",
             dir = dir.display(),
+            configs = config.parent().unwrap_or(Path::new("/")).display(),
             implementation = state.wireguard_go.as_deref().unwrap_or(Path::new("wireguard-go")).display(),
             config = config.display()
         ),
@@ -277,8 +281,8 @@ fn bring_up_tunnel(spec: &TunnelSpec, options: &LabOptions, state: &mut LabState
     }
     let client = format!(
         "[Interface]\nPrivateKey = {client_private}\nListenPort = {}\nAddress = {}\n{client_extra}\n\
-         [Peer]\nPublicKey = {server_public}\nEndpoint = {}\nAllowedIPs = {}\n",
-        spec.client_port, spec.client_address, spec.endpoint, spec.client_allowed
+         [Peer]\n# friendly_name = {}-server\nPublicKey = {server_public}\nEndpoint = {}\nAllowedIPs = {}\n",
+        spec.client_port, spec.client_address, spec.name, spec.endpoint, spec.client_allowed
     );
     let server_config = write_config(spec.server_namespace, spec.name, &server)?;
     wg_quick_up(spec.server_namespace, &server_config, state)?;

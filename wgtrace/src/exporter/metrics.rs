@@ -1,9 +1,9 @@
 //! The metric families, rendered from one [`Report`] snapshot per scrape by
 //! a `prometheus_client` collector, in OpenMetrics or Prometheus text 0.0.4.
 //!
-//! Labels are bounded by tunnels and interfaces: no per-flow, per-peer or
-//! per-address labels. A tunnel that is gone from the latest report is gone
-//! from the exposition.
+//! Labels are bounded by tunnels and interfaces: no per-flow or per-address
+//! labels, and per-peer ones only with `--peer-metrics` ([`Series`]). A
+//! tunnel that is gone from the latest report is gone from the exposition.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -69,12 +69,29 @@ pub fn negotiate(accept: Option<&str>) -> Format {
     if openmetrics > 0.0 && openmetrics >= classic { Format::OpenMetrics } else { Format::Prometheus }
 }
 
-/// The exposition of `report` in `format`.
+/// Which series to export: per tunnel (the default) or per peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Series {
+    /// One set of series per tunnel, peers merged: bounded by tunnels.
+    #[default]
+    PerTunnel,
+    /// `--peer-metrics`: the per-peer families get a `peer` label (its
+    /// name, else the first 8 characters of its key) instead of being
+    /// merged: one set of series per peer.
+    PerPeer,
+}
+
+/// The exposition of `report` in `format`, per tunnel.
 pub fn encode(report: &Arc<Report>, format: Format) -> String {
+    encode_with(report, format, Series::PerTunnel)
+}
+
+/// The exposition of `report` in `format` with these `series`.
+pub fn encode_with(report: &Arc<Report>, format: Format, series: Series) -> String {
     // A fresh registry per scrape: everything derives from the snapshot, so
     // vanished tunnels cannot linger.
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Snapshot(Arc::clone(report))));
+    registry.register_collector(Box::new(Snapshot(Arc::clone(report), series)));
     let mut out = String::new();
     let encoded = match format {
         Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, &registry),
@@ -87,15 +104,15 @@ pub fn encode(report: &Arc<Report>, format: Format) -> String {
 }
 
 #[derive(Debug)]
-struct Snapshot(Arc<Report>);
+struct Snapshot(Arc<Report>, Series);
 
 impl Collector for Snapshot {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        write_families(&self.0, &mut encoder)
+        write_families(&self.0, self.1, &mut encoder)
     }
 }
 
-/// What one tunnel (netns, interface) exposes, merged over its peers.
+/// What one tunnel (or, per peer, one peer) exposes, merged over its peers.
 #[derive(Default)]
 struct TunnelMetrics<'a> {
     /// Tunnels its peers' transports ride inside; empty when direct.
@@ -105,17 +122,66 @@ struct TunnelMetrics<'a> {
     inner_rtt: Buckets,
     handshake_rtt: Buckets,
     transmit: Buckets,
+    peers: u64,
+    peers_up: u64,
+    /// The stalest peer's last handshake (0: one never had any); None
+    /// when no peer's handshake is known.
+    stalest_handshake: Option<u64>,
 }
 
-fn tunnels(report: &Report) -> BTreeMap<(&str, &str), TunnelMetrics<'_>> {
-    let mut tunnels: BTreeMap<(&str, &str), TunnelMetrics> = BTreeMap::new();
+/// (netns, interface, peer label: None when merged).
+type Group<'a> = (&'a str, &'a str, Option<String>);
+
+/// The `peer` label of each peer of `tunnel`: its name, else the first 8
+/// characters of its key (both redacted under `--redact`); made unique
+/// within the tunnel.
+fn peer_labels(tunnel: &crate::correlation::TunnelReport) -> Vec<String> {
+    let mut used = HashSet::new();
+    tunnel
+        .peers
+        .iter()
+        .map(|peer| {
+            let key: String = crate::redact::key(&peer.public_key).chars().take(8).collect();
+            let label = match &peer.name {
+                Some(name) => crate::names::shown(name),
+                None => key.clone(),
+            };
+            if used.insert(label.clone()) {
+                return label;
+            }
+            let unique = format!("{label}~{}", crate::redact::key(&peer.public_key));
+            used.insert(unique.clone());
+            unique
+        })
+        .collect()
+}
+
+fn groups(report: &Report, series: Series) -> BTreeMap<Group<'_>, TunnelMetrics<'_>> {
+    let mut groups: BTreeMap<Group, TunnelMetrics> = BTreeMap::new();
     for tunnel in &report.tunnels {
-        let metrics = tunnels.entry((tunnel.netns.as_str(), tunnel.interface.as_str())).or_default();
+        let labels = match series {
+            Series::PerPeer => peer_labels(tunnel).into_iter().map(Some).collect(),
+            Series::PerTunnel => vec![None; tunnel.peers.len()],
+        };
+        if tunnel.peers.is_empty() || series == Series::PerTunnel {
+            groups.entry((tunnel.netns.as_str(), tunnel.interface.as_str(), None)).or_default();
+        }
         // Handshake RTT is kept per endpoint and transmit latency per device,
         // so peers sharing them must count them once.
         let mut handshake_endpoints: HashSet<Option<SocketAddr>> = HashSet::new();
         let mut transmit_seen = false;
-        for peer in &tunnel.peers {
+        for (peer, label) in tunnel.peers.iter().zip(labels) {
+            let per_peer = label.is_some();
+            let metrics = groups.entry((tunnel.netns.as_str(), tunnel.interface.as_str(), label)).or_default();
+            if per_peer {
+                handshake_endpoints.clear();
+            }
+            metrics.peers += 1;
+            if let Some(handshake) = &peer.handshake {
+                metrics.peers_up += u64::from(handshake.up);
+                let last = handshake.last_unix_seconds.unwrap_or(0);
+                metrics.stalest_handshake = Some(metrics.stalest_handshake.map_or(last, |s| s.min(last)));
+            }
             if let Some(outer) = &peer.nested_in {
                 metrics.outer.insert(outer);
             }
@@ -134,6 +200,7 @@ fn tunnels(report: &Report) -> BTreeMap<(&str, &str), TunnelMetrics<'_>> {
             {
                 metrics.handshake_rtt.add(h);
             }
+            // Per device: never per peer.
             if let Some(h) = &histograms.transmit
                 && !transmit_seen
             {
@@ -142,10 +209,20 @@ fn tunnels(report: &Report) -> BTreeMap<(&str, &str), TunnelMetrics<'_>> {
             }
         }
     }
-    tunnels
+    groups
 }
 
-fn write_families(report: &Report, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+/// The labels of a group, with `peer` when it is one peer's.
+fn labels<'a>(group: &'a Group<'a>, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut labels = vec![("netns", group.0), ("interface", group.1)];
+    if let Some(peer) = &group.2 {
+        labels.push(("peer", peer.as_str()));
+    }
+    labels.extend_from_slice(extra);
+    labels
+}
+
+fn write_families(report: &Report, series: Series, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
     let info = Info::new([("version", env!("CARGO_PKG_VERSION"))]);
     info.encode(encoder.encode_descriptor("wgtrace_build", "wgtrace's version.", None, info.metric_type())?)?;
 
@@ -166,7 +243,47 @@ fn write_families(report: &Report, encoder: &mut DescriptorEncoder) -> Result<()
         traced.metric_type(),
     )?)?;
 
-    let tunnels = tunnels(report);
+    let groups = groups(report, series);
+    // Per tunnel whatever `series` says: counts of peers, and the transmit
+    // latency, which is measured per device.
+    let tunnels = self::groups(report, Series::PerTunnel);
+
+    for (name, help, up) in [
+        ("wgtrace_peers", "Peers configured on the tunnel.", false),
+        ("wgtrace_peers_up", "Peers of the tunnel whose last handshake is within --handshake-timeout.", true),
+    ] {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (group, metrics) in &tunnels {
+            let value = if up { metrics.peers_up } else { metrics.peers };
+            ConstGauge::new(value as i64).encode(family.encode_family(&labels(group, &[]))?)?;
+        }
+    }
+
+    let mut family = encoder.encode_descriptor(
+        "wgtrace_peer_last_handshake_timestamp_seconds",
+        "Unix time of the peer's last completed handshake, from WireGuard's own state (0: none yet). Per tunnel: \
+         the stalest peer's.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (group, metrics) in &groups {
+        if let Some(last) = metrics.stalest_handshake {
+            ConstGauge::new(last as i64).encode(family.encode_family(&labels(group, &[]))?)?;
+        }
+    }
+    if series == Series::PerPeer {
+        let mut family = encoder.encode_descriptor(
+            "wgtrace_peer_up",
+            "1 when the peer's last handshake is within --handshake-timeout, else 0.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (group, metrics) in groups.iter().filter(|(g, _)| g.2.is_some()) {
+            if metrics.stalest_handshake.is_some() {
+                ConstGauge::new(metrics.peers_up as i64).encode(family.encode_family(&labels(group, &[]))?)?;
+            }
+        }
+    }
 
     let mut family = encoder.encode_descriptor(
         "wgtrace_tunnel_nested",
@@ -174,11 +291,11 @@ fn write_families(report: &Report, encoder: &mut DescriptorEncoder) -> Result<()
         None,
         MetricType::Gauge,
     )?;
-    for ((netns, interface), metrics) in &tunnels {
+    for (group, metrics) in &groups {
         let outer: Vec<&str> =
             if metrics.outer.is_empty() { vec![""] } else { metrics.outer.iter().copied().collect() };
         for outer_interface in outer {
-            let labels = [("netns", *netns), ("interface", *interface), ("outer_interface", outer_interface)];
+            let labels = labels(group, &[("outer_interface", outer_interface)]);
             ConstGauge::new(i64::from(!outer_interface.is_empty())).encode(family.encode_family(&labels)?)?;
         }
     }
@@ -188,11 +305,10 @@ fn write_families(report: &Report, encoder: &mut DescriptorEncoder) -> Result<()
         ("wgtrace_transport_bytes", "Encrypted transport bytes sent, by the interface they leave through.", false),
     ] {
         let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-        for ((netns, interface), metrics) in &tunnels {
+        for (group, metrics) in &groups {
             for ((egress, mark), (packet_count, byte_count)) in &metrics.transport {
                 let mark = mark.to_string();
-                let labels =
-                    [("netns", *netns), ("interface", *interface), ("egress_interface", *egress), ("mark", &mark)];
+                let labels = labels(group, &[("egress_interface", *egress), ("mark", &mark)]);
                 let value = if packets { *packet_count } else { *byte_count };
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
@@ -200,23 +316,26 @@ fn write_families(report: &Report, encoder: &mut DescriptorEncoder) -> Result<()
     }
 
     type Pick = for<'a> fn(&'a TunnelMetrics<'a>) -> &'a Buckets;
-    let histograms: [(&str, &str, Pick); 3] = [
-        ("wgtrace_inner_rtt", "Round trips through the tunnel (echo and TCP SYN to their replies), all peers.", |m| {
-            &m.inner_rtt
-        }),
-        ("wgtrace_handshake_rtt", "WireGuard handshake initiation to response, all peers.", |m| &m.handshake_rtt),
+    let histograms: [(&str, &str, Pick, bool); 3] = [
+        (
+            "wgtrace_inner_rtt",
+            "Round trips through the tunnel (echo and TCP SYN to their replies).",
+            |m| &m.inner_rtt,
+            true,
+        ),
+        ("wgtrace_handshake_rtt", "WireGuard handshake initiation to response.", |m| &m.handshake_rtt, true),
         (
             "wgtrace_transmit_latency",
-            "A plaintext packet entering the tunnel to its encrypted form leaving the host.",
+            "A plaintext packet entering the tunnel to its encrypted form leaving the host (per device).",
             |m| &m.transmit,
+            false,
         ),
     ];
-    for (name, help, pick) in histograms {
+    for (name, help, pick, per_peer) in histograms {
         let mut family = encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
-        for ((netns, interface), metrics) in &tunnels {
+        for (group, metrics) in if per_peer { &groups } else { &tunnels } {
             let buckets = pick(metrics);
-            let labels = [("netns", *netns), ("interface", *interface)];
-            family.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            family.encode_family(&labels(group, &[]))?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                 buckets.sum_seconds(),
                 buckets.count(),
                 &buckets.per_bucket(),
@@ -247,7 +366,9 @@ pub(crate) mod tests {
     fn peer(nested_in: Option<&str>, egress: &str, mark: u32, packets: u64, rtt_ms: &[u64]) -> PeerReport {
         PeerReport {
             public_key: "tCfh9vIdkey=".into(),
+            name: None,
             endpoint: Some("192.0.2.200:51821".parse().unwrap()),
+            handshake: None,
             transport: Some(crate::correlation::Transport {
                 egress_interface: egress.into(),
                 mark,
@@ -479,5 +600,73 @@ pub(crate) mod tests {
         assert_eq!(negotiate(Some("APPLICATION/OpenMetrics-Text; Q=0.8, */*;q=0.8")), Format::OpenMetrics);
         assert!(Format::OpenMetrics.content_type().starts_with("application/openmetrics-text; version=1.0.0"));
         assert!(Format::Prometheus.content_type().starts_with("text/plain; version=0.0.4"));
+    }
+
+    /// Sample lines: each one a series to Prometheus.
+    fn series_count(text: &str) -> usize {
+        text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).count()
+    }
+
+    fn with_handshakes(report: &Report, names: &[Option<&str>]) -> Arc<Report> {
+        let mut tunnels = report.tunnels.clone();
+        let mut names = names.iter();
+        for tunnel in &mut tunnels {
+            for peer in &mut tunnel.peers {
+                peer.name = names.next().copied().flatten().map(Into::into);
+                peer.handshake = Some(crate::handshake::Handshake::at(
+                    1_700_000_000,
+                    1_700_000_100,
+                    std::time::Duration::from_secs(180),
+                ));
+            }
+        }
+        Arc::new(Report { tunnels, ..report_of(Vec::new()) })
+    }
+
+    /// The README's series counts: 3 + 69·T per tunnel (the default), and
+    /// 3 + 23·T + 47·P with `--peer-metrics`, for tunnels whose peers each
+    /// have one transport path and a known handshake.
+    #[test]
+    fn series_counts_per_tunnel_and_per_peer() {
+        let report = with_handshakes(&nested_report(), &[]);
+        let (tunnels, peers) = (2, 3);
+        for format in [Format::Prometheus, Format::OpenMetrics] {
+            let default = encode_with(&report, format, Series::PerTunnel);
+            assert_eq!(series_count(&default), 3 + 69 * tunnels, "{default}");
+            assert!(!default.contains("peer=\""), "no peer label by default: {default}");
+            let per_peer = encode_with(&report, format, Series::PerPeer);
+            assert_eq!(series_count(&per_peer), 3 + 23 * tunnels + 47 * peers, "{per_peer}");
+        }
+    }
+
+    #[test]
+    fn per_peer_series_are_labelled_by_name_else_key_prefix() {
+        let report = with_handshakes(&nested_report(), &[Some("exit"), None, None]);
+        let text = encode_with(&report, Format::Prometheus, Series::PerPeer);
+        let exit = r#"netns="wgtlab-client",interface="wg0",peer="exit""#;
+        assert_eq!(sample(&text, &format!("wgtrace_peer_up{{{exit}}}")), "1");
+        assert_eq!(sample(&text, &format!("wgtrace_peer_last_handshake_timestamp_seconds{{{exit}}}")), "1700000000");
+        assert_eq!(sample(&text, &format!("wgtrace_inner_rtt_seconds_count{{{exit}}}")), "2");
+        assert_eq!(
+            sample(&text, &format!(r#"wgtrace_transport_packets_total{{{exit},egress_interface="c0",mark="51820"}}"#)),
+            "50"
+        );
+        // wg1's two peers share a key prefix here: the second is made unique.
+        let first = r#"netns="wgtlab-client",interface="wg1",peer="tCfh9vId""#;
+        assert_eq!(sample(&text, &format!("wgtrace_inner_rtt_seconds_count{{{first}}}")), "3");
+        assert_eq!(sample(&text, &format!("wgtrace_tunnel_nested{{{first},outer_interface=\"wg0\"}}")), "1");
+        assert!(text.contains(r#"peer="tCfh9vId~tCfh9vIdkey=""#), "{text}");
+        // Transmit latency is per device; peer counts per tunnel.
+        assert_eq!(
+            sample(&text, r#"wgtrace_transmit_latency_seconds_count{netns="wgtlab-client",interface="wg1"}"#),
+            "1"
+        );
+        assert_eq!(sample(&text, r#"wgtrace_peers_up{netns="wgtlab-client",interface="wg1"}"#), "2");
+        let default = encode_with(&report, Format::Prometheus, Series::PerTunnel);
+        assert_eq!(sample(&default, r#"wgtrace_peers{netns="wgtlab-client",interface="wg1"}"#), "2");
+        assert_eq!(
+            sample(&default, r#"wgtrace_peer_last_handshake_timestamp_seconds{netns="wgtlab-client",interface="wg1"}"#),
+            "1700000000"
+        );
     }
 }

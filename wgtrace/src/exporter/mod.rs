@@ -4,7 +4,8 @@
 //! `tokio::sync::watch` channel holding the latest `Arc<Report>`); the HTTP
 //! side renders the exposition from that snapshot on each scrape, in
 //! OpenMetrics or the Prometheus text format 0.0.4 as the `Accept` header
-//! asks. Publishing never waits, so tracing never waits on HTTP.
+//! asks. Publishing never waits, so tracing never waits on HTTP; the server
+//! runs on a thread of its own.
 //!
 //! * [`metrics`]: the metric families and content negotiation.
 //! * [`buckets`]: histogram buckets from the latency histograms.
@@ -21,9 +22,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::sync::watch;
 
-pub use metrics::{Format, encode, negotiate};
+pub use metrics::{Format, Series, encode, encode_with, negotiate};
 
 use crate::report::Report;
 
@@ -53,25 +54,46 @@ pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
     loopback(text).map_err(|_| invalid())
 }
 
+/// Connections waiting to be accepted, at most.
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// A listening socket for the metrics, bound before tracing starts so a
 /// taken port fails fast.
 pub struct Exporter {
     listener: std::net::TcpListener,
     address: SocketAddr,
+    /// Connections served at once (from the open-file limit).
+    cap: usize,
+    series: Series,
 }
 
 impl Exporter {
     pub fn bind(address: SocketAddr) -> Result<Self> {
         let listener = std::net::TcpListener::bind(address).map_err(|err| bind_error(address, &err))?;
         listener.set_nonblocking(true).context("making the metrics socket non-blocking")?;
+        // std listens with a backlog of 128: a flood of reconnecting clients
+        // fills that queue and the kernel drops the next scrape's SYN (a 1 s
+        // retransmit, a failed scrape). Listening again only sets a longer
+        // queue (capped by net.core.somaxconn).
+        // SAFETY: listen(2) on a socket we own.
+        if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), LISTEN_BACKLOG) } != 0 {
+            log::info!("lengthening the metrics accept queue: {}", std::io::Error::last_os_error());
+        }
         let address = listener.local_addr().unwrap_or(address);
+        let cap = server::connection_cap(raise_open_file_limit());
         if !address.ip().is_loopback() {
             log::warn!(
                 "serving metrics on {address}, not only on loopback: whoever can reach it can read tunnel names, \
                  namespaces and traffic counts"
             );
         }
-        Ok(Self { listener, address })
+        Ok(Self { listener, address, cap, series: Series::PerTunnel })
+    }
+
+    /// Per-peer series (`--peer-metrics`) instead of per-tunnel ones.
+    pub fn with_series(mut self, series: Series) -> Self {
+        self.series = series;
+        self
     }
 
     /// The address actually bound (with the port chosen for port 0).
@@ -82,12 +104,64 @@ impl Exporter {
     /// Starts serving on the current tokio runtime, with `first` as the
     /// snapshot until the next [`Publisher::publish`].
     pub fn start(self, first: Report) -> Result<Publisher> {
-        let listener = tokio::net::TcpListener::from_std(self.listener).context("serving the metrics socket")?;
         let (sender, receiver) = watch::channel(Arc::new(first));
-        let server = tokio::spawn(server::serve(listener, receiver));
+        // Its own thread and runtime: nothing the run loop does (rediscovery,
+        // a slow daemon's UAPI socket) can delay a scrape, and nothing a
+        // flood of clients does can delay tracing. The runtime is made and
+        // dropped on that thread (never inside the caller's runtime).
+        let (listener, cap, series) = (self.listener, self.cap, self.series);
+        let (started, result) = std::sync::mpsc::channel::<Result<()>>();
+        let server = std::thread::Builder::new()
+            .name("wgtrace-metrics".into())
+            .spawn(move || {
+                let serving = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the metrics server's runtime")
+                    .and_then(|runtime| {
+                        let listener = {
+                            let _entered = runtime.enter();
+                            tokio::net::TcpListener::from_std(listener).context("serving the metrics socket")?
+                        };
+                        Ok((runtime, listener))
+                    });
+                match serving {
+                    Ok((runtime, listener)) => {
+                        let _ = started.send(Ok(()));
+                        runtime.block_on(server::serve(listener, receiver, cap, series));
+                    }
+                    Err(err) => {
+                        let _ = started.send(Err(err));
+                    }
+                }
+            })
+            .context("starting the metrics server's thread")?;
+        result.recv().context("the metrics server's thread ended at start")??;
         eprintln!("wgtrace: serving Prometheus metrics on http://{}/metrics", self.address);
-        Ok(Publisher { sender, server })
+        Ok(Publisher { sender: Some(sender), server: Some(server) })
     }
+}
+
+/// Raises the soft open-file limit to the hard one (a default soft limit of
+/// 1024 is below what a flood of clients takes) and returns the soft limit
+/// now in force.
+pub fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            } else {
+                log::info!("raising the open-file limit: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    limit.rlim_cur
 }
 
 fn bind_error(address: SocketAddr, err: &std::io::Error) -> anyhow::Error {
@@ -120,19 +194,26 @@ fn bind_error(address: SocketAddr, err: &std::io::Error) -> anyhow::Error {
 /// the snapshot the scrapes read, and never waits. Dropping it stops the
 /// server and closes its connections.
 pub struct Publisher {
-    sender: watch::Sender<Arc<Report>>,
-    server: JoinHandle<()>,
+    sender: Option<watch::Sender<Arc<Report>>>,
+    server: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Publisher {
     pub fn publish(&self, report: Report) {
-        self.sender.send_replace(Arc::new(report));
+        if let Some(sender) = &self.sender {
+            sender.send_replace(Arc::new(report));
+        }
     }
 }
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        self.server.abort();
+        // The server ends when the channel closes; its connections and the
+        // listening socket are gone once the thread is joined.
+        drop(self.sender.take());
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
+        }
     }
 }
 
@@ -178,7 +259,12 @@ mod tests {
 
     /// Serves on a runtime of its own thread, as `run` does on its own.
     fn serve() -> (SocketAddr, std::sync::mpsc::Sender<Report>) {
-        let exporter = Exporter::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        serve_with_cap(None)
+    }
+
+    fn serve_with_cap(cap: Option<usize>) -> (SocketAddr, std::sync::mpsc::Sender<Report>) {
+        let mut exporter = Exporter::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        exporter.cap = cap.unwrap_or(exporter.cap);
         let address = exporter.local_addr();
         let (reports, incoming) = std::sync::mpsc::channel::<Report>();
         std::thread::spawn(move || {
@@ -251,5 +337,94 @@ mod tests {
         assert_eq!(status, "HTTP/1.0 200 OK");
         assert!(body.contains("wgtrace_events_lost_total 0"));
         drop((stuck, idle));
+    }
+
+    /// Whether the server closed `stream` within `within` (EOF or reset).
+    fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+        stream.set_read_timeout(Some(within)).unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    #[test]
+    fn silent_and_dripping_clients_are_closed_at_the_header_deadline() {
+        let (address, _reports) = serve();
+        let started = std::time::Instant::now();
+        let mut silent = TcpStream::connect(address).unwrap();
+        let mut dripping = TcpStream::connect(address).unwrap();
+        dripping.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+        let drip = {
+            let mut dripping = dripping.try_clone().unwrap();
+            std::thread::spawn(move || {
+                while dripping.write_all(b"X").is_ok() && started.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        };
+        let limit = server::HEADER_DEADLINE + Duration::from_secs(2);
+        assert!(closed_within(&mut silent, limit), "a silent client outlived the header deadline");
+        assert!(closed_within(&mut dripping, limit), "a dripping client outlived the header deadline");
+        assert!(started.elapsed() >= server::HEADER_DEADLINE - Duration::from_millis(100), "closed too early");
+        drip.join().unwrap();
+    }
+
+    #[test]
+    fn at_the_cap_the_oldest_idle_connection_makes_room() {
+        let (address, _reports) = serve_with_cap(Some(4));
+        let mut idle: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(address).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        // The fifth is served; the first (oldest) is closed to make room.
+        let (status, _, _) = get(address, "GET", "/metrics", None);
+        assert_eq!(status, "HTTP/1.0 200 OK");
+        assert!(closed_within(&mut idle[0], Duration::from_millis(500)), "the oldest idle connection is still open");
+        assert!(!closed_within(&mut idle[3], Duration::from_millis(200)), "a newer idle connection was closed");
+    }
+
+    /// 2 000 clients holding connections with half a request, and one
+    /// sending megabytes of headers: scrapes are still answered within 1 s.
+    #[test]
+    fn two_thousand_slow_clients_and_huge_headers_do_not_blind_a_scrape() {
+        raise_open_file_limit();
+        let (address, _reports) = serve();
+        let slow: Vec<TcpStream> = (0..2000)
+            .map(|_| {
+                let mut stream = TcpStream::connect(address).unwrap();
+                stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").unwrap();
+                stream
+            })
+            .collect();
+        let huge = std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(address).unwrap();
+            stream.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+            let line = format!("X-Padding: {}\r\n", "a".repeat(1000));
+            let mut sent = stream.write_all(b"GET /metrics HTTP/1.1\r\n").map(|_| 0usize);
+            while let Ok(bytes) = sent {
+                if bytes >= 8 << 20 {
+                    break;
+                }
+                sent = stream.write_all(line.as_bytes()).map(|_| bytes + line.len());
+            }
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+            (sent.is_err(), answer)
+        });
+        for _ in 0..5 {
+            let started = std::time::Instant::now();
+            let (status, _, body) = get(address, "GET", "/metrics", None);
+            let took = started.elapsed();
+            assert_eq!(status, "HTTP/1.0 200 OK");
+            assert!(body.contains("wgtrace_build_info"), "{body}");
+            assert!(took < Duration::from_secs(1), "a scrape took {took:?} with 2 000 slow clients");
+        }
+        let (cut_off, answer) = huge.join().unwrap();
+        assert!(cut_off || answer.contains("431"), "8 MB of headers were taken in: {answer}");
+        drop(slow);
     }
 }

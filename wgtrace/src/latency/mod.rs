@@ -153,19 +153,22 @@ impl LatencyTracker {
 
     /// A handshake message of a known peer (`peer`: its tunnel device and
     /// public key, named by the session from the event's slot). Initiations
-    /// leaving are paired with the responses arriving for their index.
-    pub fn on_handshake(&mut self, peer: (Device, &str), event: &PacketEvent) {
+    /// leaving are paired with the responses arriving for their index; a
+    /// completed pair's round trip (ns) is returned as well as recorded.
+    pub fn on_handshake(&mut self, peer: (Device, &str), event: &PacketEvent) -> Option<u64> {
         let pending = self.handshakes.get_or_insert_with(|| Pending::new(PENDING_CAPACITY));
         match (event.message_type, event.path.direction) {
             (MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS) => {
                 pending.insert_if_absent((event.path.peer, event.sender), event.timestamp_ns);
+                None
             }
             (MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS) => {
-                let Some(sent) = pending.take(&(event.path.peer, event.receiver)) else { return };
-                let Some(rtt) = event.timestamp_ns.checked_sub(sent) else { return };
+                let sent = pending.take(&(event.path.peer, event.receiver))?;
+                let rtt = event.timestamp_ns.checked_sub(sent)?;
                 self.handshake.entry((peer.0, peer.1.to_owned())).or_default().record_ns(rtt);
+                Some(rtt)
             }
-            _ => {}
+            _ => None,
         }
     }
 
