@@ -27,6 +27,8 @@ pub const EVENT_NEW_ROUTE: u32 = 3;
 pub const EVENT_PLAINTEXT: u32 = 4;
 /// One encryption stage of a sampled plaintext packet (see [`TransmitEvent`]).
 pub const EVENT_TRANSMIT: u32 = 5;
+/// A handshake message of a candidate speaker's socket (see [`CandidateEvent`]).
+pub const EVENT_CANDIDATE: u32 = 6;
 
 /// Slots of the `COUNTERS` per-CPU array.
 pub const COUNTER_EVENTS_LOST: u32 = 0;
@@ -62,6 +64,46 @@ pub const TUNNEL_DEVICE_ENTRIES: u32 = 4096;
 pub const TRANSMIT_PENDING_ENTRIES: u32 = 1024;
 
 pub const IFNAMSIZ: usize = 16;
+
+/// Candidate WireGuard speakers' sockets: UDP sockets of TUN holders that
+/// serve no UAPI (tailscaled-style daemons). Written by userspace only, from
+/// discovery, so no packet can add to it.
+pub const CANDIDATE_MAP_ENTRIES: u32 = 64;
+
+/// A candidate speaker's socket: its namespace and local port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CandidateKey {
+    pub netns: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// A handshake initiation or response (types 1 and 2 only) leaving or
+/// entering a candidate socket. Userspace pairs initiation and response by
+/// their indices before it believes the socket speaks WireGuard.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CandidateEvent {
+    pub kind: u32,
+    /// Userspace's number for the candidate (the `CANDIDATES` value).
+    pub candidate: u32,
+    pub timestamp_ns: u64,
+    pub key: CandidateKey,
+    pub family: u16,
+    pub remote_port: u16,
+    pub remote: [u8; 16],
+    /// `skb->mark` (the socket's SO_MARK on egress).
+    pub mark: u32,
+    pub ifindex: u32,
+    pub sender: u32,
+    pub receiver: u32,
+    pub length: u32,
+    pub message_type: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
 
 /// Kernel struct field offsets, resolved from the running kernel's BTF at load
 /// time and written into the programs' read-only data before loading. The eBPF
@@ -326,4 +368,5 @@ mod pod {
     unsafe impl aya::Pod for DeviceKey {}
     unsafe impl aya::Pod for TransmitKey {}
     unsafe impl aya::Pod for TransmitOrigin {}
+    unsafe impl aya::Pod for CandidateKey {}
 }

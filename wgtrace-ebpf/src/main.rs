@@ -34,14 +34,14 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use wgtrace_common::{
-    AF_INET, AF_INET6, AF_PACKET, ARPHRD_NONE, COUNTER_EVENTS_LOST, COUNTER_FORGED, COUNTER_PATHS_FULL,
-    COUNTER_READ_ERRORS, COUNTER_SLOTS, DIR_EGRESS, DIR_INGRESS, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW,
-    EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP,
-    IPPROTO_UDP, KernelOffsets, OFFSET_UNAVAILABLE, PATH_MAP_ENTRIES, PEER_MAP_ENTRIES, PLAINTEXT_ECHO_REPLY,
-    PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats,
-    PeerKey, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW,
-    TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent,
-    TransmitKey, TransmitOrigin, ciphertext_length,
+    AF_INET, AF_INET6, AF_PACKET, ARPHRD_NONE, CANDIDATE_MAP_ENTRIES, COUNTER_EVENTS_LOST, COUNTER_FORGED,
+    COUNTER_PATHS_FULL, COUNTER_READ_ERRORS, COUNTER_SLOTS, CandidateEvent, CandidateKey, DIR_EGRESS, DIR_INGRESS,
+    DeviceKey, EVENT_CANDIDATE, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, OFFSET_UNAVAILABLE,
+    PATH_MAP_ENTRIES, PEER_MAP_ENTRIES, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK,
+    PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerKey, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES,
+    RouteEvent, RouteKey, RouteStats, SOCK_RAW, TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES,
+    TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent, TransmitKey, TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -57,6 +57,12 @@ static TUNNEL_PORT_BITS: Array<u64> = Array::with_max_entries(PORT_BITMAP_SLOTS,
 /// Known peers by tunnel socket and endpoint, to their slot number.
 #[map]
 static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(PEER_MAP_ENTRIES, 0);
+
+/// Candidate speakers' sockets (namespace, port) to userspace's candidate
+/// number: UDP sockets of TUN holders without a UAPI. Only their handshake
+/// messages are reported, nothing is counted or stored here.
+#[map]
+static CANDIDATES: HashMap<CandidateKey, u32> = HashMap::with_max_entries(CANDIDATE_MAP_ENTRIES, 0);
 
 #[map]
 static PATHS: LruPerCpuHashMap<PathKey, PathStats> = LruPerCpuHashMap::with_max_entries(PATH_MAP_ENTRIES, 0);
@@ -470,7 +476,7 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
     };
     // Only a known tunnel socket talking to a known endpoint goes on.
     let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
-        return Ok(());
+        return on_candidate(packet, &peer, udp_length);
     };
     // Everything between a tunnel's socket and its peer's endpoint is that
     // tunnel's WireGuard traffic, and counted. The message itself may not be
@@ -552,6 +558,53 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
     };
     device_name(packet.dev, &mut event.ifname);
     if EVENTS.output::<PacketEvent>(&event, 0).is_err() {
+        count(COUNTER_EVENTS_LOST);
+    }
+    Ok(())
+}
+
+/// A packet of a port the bitmap passed with no known peer: when the port
+/// is a candidate speaker's socket and the packet a well-formed handshake
+/// initiation or response (not sent from a raw or packet socket), userspace
+/// hears of it. Anything else is dropped here, creating no state.
+#[inline(always)]
+fn on_candidate(packet: &Packet, peer: &PeerKey, udp_length: u32) -> Result<(), ()> {
+    let key = CandidateKey { netns: peer.netns, port: peer.local_port, _pad: 0 };
+    let Some(candidate) = (unsafe { CANDIDATES.get(&key) }) else {
+        return Ok(());
+    };
+    let mut prefix = [0u8; HEADER_PREFIX_LEN];
+    prefix.copy_from_slice(&packet.l4_bytes[8..8 + HEADER_PREFIX_LEN]);
+    let Some(message) = wire::classify(&prefix, udp_length.wrapping_sub(8)) else {
+        return Ok(());
+    };
+    if message.message_type != wire::MESSAGE_HANDSHAKE_INITIATION
+        && message.message_type != wire::MESSAGE_HANDSHAKE_RESPONSE
+    {
+        return Ok(());
+    }
+    if packet.direction == DIR_EGRESS && forged(packet.skb)? {
+        count(COUNTER_FORGED);
+        return Ok(());
+    }
+    let event = CandidateEvent {
+        kind: EVENT_CANDIDATE,
+        candidate: *candidate,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        key,
+        family: peer.family,
+        remote_port: peer.remote_port,
+        remote: peer.remote,
+        mark: load(packet.skb, offset!(skb_mark)),
+        ifindex: load(packet.dev, offset!(net_device_ifindex)),
+        sender: message.sender,
+        receiver: message.receiver,
+        length: udp_length.wrapping_sub(8),
+        message_type: message.message_type,
+        direction: packet.direction,
+        _pad: [0; 2],
+    };
+    if EVENTS.output::<CandidateEvent>(&event, 0).is_err() {
         count(COUNTER_EVENTS_LOST);
     }
     Ok(())

@@ -95,6 +95,8 @@ pub fn check(options: &CheckOptions) -> Result<CheckReport> {
             ifindex: 0,
             implementation: Implementation::Userspace,
             daemon_pid: None,
+            discovered_by: crate::topology::DiscoveredBy::default(),
+            process: None,
             device: Some(config.device),
         });
     }
@@ -131,6 +133,8 @@ pub fn check(options: &CheckOptions) -> Result<CheckReport> {
             netns_inode: tunnel.netns,
             ifindex: tunnel.ifindex,
             implementation: tunnel.implementation.clone(),
+            discovered_by: tunnel.discovered_by,
+            process: tunnel.process.clone(),
             fwmark: Some(device.fwmark),
             listen_port: Some(device.listen_port),
             peers,

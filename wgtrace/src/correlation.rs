@@ -123,6 +123,10 @@ pub struct TunnelReport {
     pub netns_inode: u64,
     pub ifindex: u32,
     pub implementation: Implementation,
+    /// netlink, uapi, or packets (a speaker without a UAPI).
+    pub discovered_by: crate::topology::DiscoveredBy,
+    /// The TUN holder of a userspace tunnel.
+    pub process: Option<crate::topology::Process>,
     pub fwmark: Option<u32>,
     pub listen_port: Option<u16>,
     pub peers: Vec<PeerReport>,
@@ -147,6 +151,8 @@ pub fn correlate(topology: &Topology, seen: &Observations, oracle: &dyn RouteOra
             netns_inode: tunnel.netns,
             ifindex: tunnel.ifindex,
             implementation: tunnel.implementation.clone(),
+            discovered_by: tunnel.discovered_by,
+            process: tunnel.process.clone(),
             fwmark: tunnel.device.as_ref().map(|d| d.fwmark),
             listen_port: tunnel.device.as_ref().map(|d| d.listen_port),
             peers: tunnel
@@ -479,6 +485,8 @@ mod tests {
             ifindex,
             implementation: Implementation::Userspace,
             daemon_pid: None,
+            discovered_by: crate::topology::DiscoveredBy::Uapi,
+            process: None,
             device: Some(Device {
                 listen_port: port,
                 fwmark,
@@ -517,6 +525,7 @@ mod tests {
                 tunnel("wg1", WG1, 51821, 0, WG1_ENDPOINT, &["203.0.113.0/24"]),
                 tunnel("wg2", WG2, 51822, 0, "203.0.113.1:51822", &["198.18.2.0/24"]),
             ],
+            candidates: vec![],
         }
     }
 

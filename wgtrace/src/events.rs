@@ -299,6 +299,8 @@ mod tests {
             netns_inode: 7,
             ifindex: 4,
             implementation: crate::topology::Implementation::Userspace,
+            discovered_by: crate::topology::DiscoveredBy::Uapi,
+            process: None,
             fwmark: Some(0),
             listen_port: Some(51821),
             peers: vec![peer],

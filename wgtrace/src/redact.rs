@@ -19,6 +19,14 @@ fn enabled() -> bool {
 }
 
 pub fn key(key: &str) -> String {
+    // Speakers found from their packets have peers known by endpoint only:
+    // shown as having no key, told apart by a digest (which reveals no
+    // address, so it needs no redaction).
+    if crate::topology::speakers::is_keyless(key) {
+        let mut hasher = DefaultHasher::new();
+        key.hash(&mut hasher);
+        return format!("no key {:08x}", hasher.finish() as u32);
+    }
     if !enabled() {
         return key.to_owned();
     }
@@ -37,7 +45,11 @@ pub fn endpoint(endpoint: SocketAddr) -> String {
     if enabled() { format!("[redacted]:{}", endpoint.port()) } else { endpoint.to_string() }
 }
 
+/// A key, or null for a peer that has none (known by its endpoint only).
 pub fn serialize_key<S: serde::Serializer>(value: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    if crate::topology::speakers::is_keyless(value) {
+        return serializer.serialize_none();
+    }
     serializer.serialize_str(&key(value))
 }
 
@@ -63,5 +75,22 @@ mod tests {
         assert!(digest.starts_with("redacted-") && !digest.contains("uFmW"));
         assert_eq!(digest, key("uFmW/sycfx/G0lcqdu2hHVm80gvo5UOxXOS9hajnWjM="), "stable");
         ENABLED.store(false, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn keyless_peers_say_so_and_stay_apart() {
+        let a = crate::topology::speakers::keyless_id("192.0.2.200:41642".parse().unwrap());
+        let b = crate::topology::speakers::keyless_id("192.0.2.201:41642".parse().unwrap());
+        assert!(key(&a).starts_with("no key ") && !key(&a).contains("192.0.2"));
+        assert_ne!(key(&a), key(&b));
+        let json = serde_json::to_value(Keyed(a)).unwrap();
+        assert!(json.is_null(), "{json}");
+    }
+
+    struct Keyed(String);
+    impl serde::Serialize for Keyed {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serialize_key(&self.0, serializer)
+        }
     }
 }

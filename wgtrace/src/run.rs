@@ -48,7 +48,12 @@ pub struct RunOptions {
 struct Session {
     tracer: Tracer,
     latency: LatencyTracker,
+    /// Discovery's topology plus the speakers confirmed by packets.
     topology: Topology,
+    /// The last topology discovery sent, before speakers were added.
+    discovered: Topology,
+    /// Candidate speakers and what their handshakes showed.
+    speakers: crate::topology::speakers::Speakers,
     started: Instant,
     names: crate::names::PeerNames,
     handshake_timeout: Duration,
@@ -63,14 +68,30 @@ impl Session {
     /// Takes a newer topology, so new tunnels are timed and vanished ones
     /// dropped.
     fn apply_topology(&mut self, topology: Topology) -> Result<()> {
+        let candidates = self.speakers.set_candidates(&topology.candidates);
+        self.tracer.set_candidates(&candidates)?;
+        self.discovered = topology.clone();
+        let mut topology = topology;
+        self.speakers.add_to(&mut topology);
         self.topology = topology;
         self.latency.set_topology(&self.topology);
         self.tracer.set_tunnel_devices(&self.topology)
     }
 
     fn drain_events(&mut self) {
+        let mut confirmed = false;
         for event in self.tracer.drain_events() {
             match event {
+                Event::Candidate(c) => {
+                    if self.speakers.on_event(&c) {
+                        log::info!(
+                            "netns {} port {}: a WireGuard handshake completed on a socket without a UAPI",
+                            c.key.netns,
+                            c.key.port
+                        );
+                        confirmed = true;
+                    }
+                }
                 Event::Plaintext(p) => self.latency.on_plaintext(&p),
                 Event::Transmit(t) => self.latency.on_transmit(&t),
                 Event::Packet(p) => {
@@ -100,6 +121,10 @@ impl Session {
                     r.error
                 ),
             }
+        }
+        // A newly confirmed speaker is a tunnel from now on.
+        if confirmed && let Err(err) = self.apply_topology(self.discovered.clone()) {
+            log::warn!("adding a speaker found from its packets: {err:#}");
         }
     }
 
@@ -190,6 +215,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         tracer,
         latency: LatencyTracker::new(),
         topology: Topology::default(),
+        discovered: Topology::default(),
+        speakers: Default::default(),
         started,
         names: crate::names::PeerNames::new(options.peer_names),
         handshake_timeout: options.handshake_timeout,

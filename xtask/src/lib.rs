@@ -10,5 +10,6 @@ pub mod http;
 pub mod lab;
 pub mod setup;
 pub mod soak;
+pub mod speakers_lab;
 pub mod vm;
 pub mod vmtest;

@@ -404,6 +404,8 @@ pub(crate) mod tests {
             netns_inode: 4026532000,
             ifindex: 3,
             implementation: Implementation::Userspace,
+            discovered_by: crate::topology::DiscoveredBy::Uapi,
+            process: None,
             fwmark: Some(0),
             listen_port: Some(51821),
             peers,

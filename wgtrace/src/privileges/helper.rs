@@ -43,6 +43,7 @@ enum Request {
     TunHolders,
     NetnsSocket { handle: PathBuf, inode: u64, protocol: i32 },
     UapiSocket { pid: u32, interface: String, timeout_ms: u64 },
+    UdpSockets { pid: u32 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,6 +52,7 @@ enum Response {
     Ready,
     Namespaces(Vec<Netns>),
     TunHolders(Vec<TunHolder>),
+    UdpSockets(Vec<crate::topology::speakers::UdpSocket>),
     /// The descriptor travels alongside.
     Descriptor,
     NoSocket,
@@ -171,6 +173,13 @@ impl Privileged for Client {
             (other, _) => bail!("the privileged helper answered {other:?} without a socket"),
         }
     }
+
+    fn udp_sockets(&self, pid: u32) -> Result<Vec<crate::topology::speakers::UdpSocket>> {
+        match self.call(&Request::UdpSockets { pid })? {
+            (Response::UdpSockets(sockets), _) => Ok(sockets),
+            (other, _) => bail!("the privileged helper answered {other:?}"),
+        }
+    }
 }
 
 /// The helper's descriptor, when this process was started as the helper.
@@ -228,6 +237,8 @@ fn answer(request: Request) -> (Response, Option<OwnedFd>) {
     match request {
         Request::Namespaces => Direct.namespaces().map_or_else(failed, |n| (Response::Namespaces(n), None)),
         Request::TunHolders => Direct.tun_holders().map_or_else(failed, |h| (Response::TunHolders(h), None)),
+        // Direct checks that PID holds a TUN device.
+        Request::UdpSockets { pid } => Direct.udp_sockets(pid).map_or_else(failed, |s| (Response::UdpSockets(s), None)),
         // Direct validates the handle and the protocol.
         Request::NetnsSocket { handle, inode, protocol } => {
             Direct.netns_socket(&handle, inode, protocol).map_or_else(failed, |fd| (Response::Descriptor, Some(fd)))

@@ -6,6 +6,7 @@
 pub mod btf;
 pub mod offsets;
 pub mod peers;
+mod speakers;
 
 use std::{collections::HashMap, io};
 
@@ -18,9 +19,9 @@ use aya::{
 };
 use peers::{PeerId, PeerSlots};
 use wgtrace_common::{
-    COUNTER_EVENTS_LOST, COUNTER_FORGED, DeviceKey, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT,
-    EVENT_TRANSMIT, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerKey, PlaintextEvent, RouteEvent, RouteKey,
-    RouteStats, TUNNEL_KERNEL, TUNNEL_USERSPACE, TransmitEvent,
+    COUNTER_EVENTS_LOST, COUNTER_FORGED, CandidateEvent, DeviceKey, EVENT_CANDIDATE, EVENT_HANDSHAKE, EVENT_NEW_FLOW,
+    EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerKey,
+    PlaintextEvent, RouteEvent, RouteKey, RouteStats, TUNNEL_KERNEL, TUNNEL_USERSPACE, TransmitEvent,
 };
 
 /// A hook wgtrace wants, and what it is for when it is missing.
@@ -73,6 +74,8 @@ pub enum Event {
     Route(RouteEvent),
     Plaintext(PlaintextEvent),
     Transmit(TransmitEvent),
+    /// A handshake message of a candidate speaker's socket.
+    Candidate(CandidateEvent),
 }
 
 pub struct Tracer {
@@ -288,6 +291,13 @@ impl Tracer {
         Ok(())
     }
 
+    /// Tells the kernel side which sockets are candidate speakers
+    /// ((namespace, port) -> candidate number), before their ports' bits
+    /// are set by [`Self::set_tunnel_devices`].
+    pub fn set_candidates(&mut self, wanted: &HashMap<(u32, u16), u32>) -> Result<()> {
+        speakers::write_candidates(&mut self.ebpf, wanted)
+    }
+
     /// Events the kernel side could not deliver (ring buffer full).
     pub fn events_lost(&self) -> Result<u64> {
         self.counter(COUNTER_EVENTS_LOST)
@@ -335,6 +345,9 @@ pub fn decode(record: &[u8]) -> Option<Event> {
             }
             EVENT_TRANSMIT if record.len() >= size_of::<TransmitEvent>() => {
                 Some(Event::Transmit(std::ptr::read_unaligned(record.as_ptr().cast())))
+            }
+            EVENT_CANDIDATE if record.len() >= size_of::<CandidateEvent>() => {
+                Some(Event::Candidate(std::ptr::read_unaligned(record.as_ptr().cast())))
             }
             _ => None,
         }

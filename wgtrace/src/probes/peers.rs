@@ -91,10 +91,12 @@ pub fn peer_key(netns: u64, listen_port: u16, endpoint: SocketAddr) -> PeerKey {
     key
 }
 
-/// One bit per port some tunnel listens on, in any namespace.
+/// One bit per port some tunnel listens on, in any namespace, and per
+/// candidate speaker's socket (whose handshakes may confirm it).
 pub fn port_bitmap(topology: &Topology) -> Vec<u64> {
     let mut bits = vec![0u64; PORT_BITMAP_SLOTS as usize];
-    for port in topology.tunnels.iter().filter_map(|t| t.device.as_ref().map(|d| d.listen_port)) {
+    let tunnel_ports = topology.tunnels.iter().filter_map(|t| t.device.as_ref().map(|d| d.listen_port));
+    for port in tunnel_ports.chain(topology.candidates.iter().map(|c| c.socket.port)) {
         bits[(port >> 6) as usize] |= 1 << (port & 63);
     }
     bits
@@ -110,6 +112,8 @@ mod tests {
             netns,
             netns_label: String::new(),
             daemon_pid: None,
+            discovered_by: crate::topology::DiscoveredBy::Uapi,
+            process: None,
             interface: format!("wg{ifindex}"),
             ifindex,
             implementation: Implementation::Userspace,

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     netlink::{self, NETLINK_GENERIC, NETLINK_ROUTE},
     netns::{self, Netns},
+    speakers::{self, UdpSocket},
     uapi,
 };
 
@@ -42,6 +43,9 @@ pub trait Privileged: Send + Sync {
     /// `pid`, the TUN holder; nothing has been sent on it. None when the
     /// holder has no UAPI socket (it is no WireGuard daemon).
     fn uapi_socket(&self, pid: u32, interface: &str, timeout: Duration) -> Result<Option<OwnedFd>>;
+    /// The UDP sockets of `pid`, which must hold a TUN device (candidate
+    /// WireGuard speakers' sockets; nothing else is listed).
+    fn udp_sockets(&self, pid: u32) -> Result<Vec<UdpSocket>>;
 }
 
 /// Everything in this process, with this process's privileges.
@@ -75,6 +79,11 @@ impl Privileged for Direct {
         }
         let Some(path) = uapi::open_socket(pid, interface)? else { return Ok(None) };
         uapi::connect_checked(&path, pid, deadline).map(Some).with_context(|| format!("UAPI socket of {interface}"))
+    }
+
+    fn udp_sockets(&self, pid: u32) -> Result<Vec<UdpSocket>> {
+        ensure!(!tun_devices_of(pid).is_empty(), "PID {pid} holds no TUN device");
+        Ok(speakers::udp_sockets_of(pid))
     }
 }
 

@@ -4,12 +4,15 @@
 //! Userspace implementations (wireguard-go, boringtun) are found through the
 //! TUN device they hold open (`/proc/PID/fdinfo` names it) and queried over
 //! their UAPI socket in their own mount namespace. Kernel WireGuard devices
-//! are recognised by their rtnetlink kind.
+//! are recognised by their rtnetlink kind. TUN holders that serve no UAPI
+//! (tailscaled and the like) become candidates whose sockets' handshakes
+//! can confirm them as tunnels (see [`speakers`]).
 
 pub mod access;
 pub mod genl;
 pub mod netlink;
 pub mod netns;
+pub mod speakers;
 pub mod uapi;
 pub mod wgquick;
 
@@ -61,6 +64,26 @@ impl Implementation {
     }
 }
 
+/// How a tunnel was found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscoveredBy {
+    /// Kernel WireGuard, over generic netlink.
+    #[default]
+    Netlink,
+    /// A userspace daemon's UAPI socket.
+    Uapi,
+    /// A TUN holder without a UAPI whose socket completed a handshake.
+    Packets,
+}
+
+/// The process holding a tunnel's TUN device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct Tunnel {
     pub netns: u64,
@@ -70,6 +93,9 @@ pub struct Tunnel {
     pub implementation: Implementation,
     /// Userspace daemon, when there is one.
     pub daemon_pid: Option<u32>,
+    pub discovered_by: DiscoveredBy,
+    /// The TUN holder (userspace tunnels).
+    pub process: Option<Process>,
     /// None when the configuration could not be read (the reason is logged).
     pub device: Option<Device>,
 }
@@ -93,6 +119,9 @@ pub struct Topology {
     pub own_netns: u64,
     pub namespaces: BTreeMap<u64, Namespace>,
     pub tunnels: Vec<Tunnel>,
+    /// TUN holders without a UAPI, with their UDP sockets: possible
+    /// WireGuard speakers, confirmed by their packets (bounded).
+    pub candidates: Vec<speakers::Candidate>,
 }
 
 /// Which namespaces to look at.
@@ -309,6 +338,7 @@ impl Discoverer {
             }
         }
         let mut userspace: HashMap<(u64, String), (u32, Result<Device>)> = HashMap::new();
+        let mut no_uapi = Vec::new();
         for (inode, interface, pid, answer) in queries {
             let result = match answer {
                 Ok(receiver) => receiver
@@ -317,9 +347,13 @@ impl Discoverer {
                 Err(err) => Err(err),
             };
             // A TUN holder without a UAPI socket is no WireGuard daemon (or
-            // its socket is not there yet: asked again next round).
+            // its socket is not there yet: asked again next round), unless
+            // its sockets' packets show otherwise: its sockets are candidates.
             let result = match result {
-                Ok(None) => continue,
+                Ok(None) => {
+                    no_uapi.push((inode, interface, pid));
+                    continue;
+                }
                 Ok(Some(device)) => Ok(device),
                 Err(err) => Err(err),
             };
@@ -336,7 +370,8 @@ impl Discoverer {
                         .unwrap_or_else(|| Err(anyhow::anyhow!("no generic netlink answer for {}", link.name)));
                     (Implementation::Kernel, None, device)
                 } else if let Some((pid, device)) = userspace.remove(&(inode, link.name.clone())) {
-                    (Implementation::Userspace, Some(pid), device)
+                    let process = Process { pid, comm: speakers::comm_of(pid) };
+                    (Implementation::Userspace, Some(process), device)
                 } else {
                     continue;
                 };
@@ -360,14 +395,62 @@ impl Discoverer {
                     netns_label: label.clone(),
                     interface: link.name.clone(),
                     ifindex: link.index,
+                    discovered_by: match implementation {
+                        Implementation::Kernel => DiscoveredBy::Netlink,
+                        Implementation::Userspace => DiscoveredBy::Uapi,
+                    },
                     implementation,
-                    daemon_pid: daemon,
+                    daemon_pid: daemon.as_ref().map(|p| p.pid),
+                    process: daemon,
                     device,
                 });
             }
         }
+        topology.candidates = self.candidates(&topology, no_uapi);
         topology.tunnels.sort_by(|a, b| (&a.netns_label, &a.interface).cmp(&(&b.netns_label, &b.interface)));
         Ok(topology)
+    }
+
+    /// The UDP sockets of TUN holders that serve no UAPI, at most
+    /// [`speakers::MAX_CANDIDATES`]. A process that already is a UAPI or
+    /// netlink tunnel's is never a candidate.
+    fn candidates(&self, topology: &Topology, no_uapi: Vec<(u64, String, u32)>) -> Vec<speakers::Candidate> {
+        let tunnel_pids: HashSet<u32> = topology.tunnels.iter().filter_map(|t| t.daemon_pid).collect();
+        let mut candidates = Vec::new();
+        for (inode, interface, pid) in no_uapi {
+            if tunnel_pids.contains(&pid) {
+                continue;
+            }
+            let Some(namespace) = topology.namespaces.get(&inode) else { continue };
+            let Some(link) = namespace.links.iter().find(|l| l.name == interface) else { continue };
+            let sockets = match self.access.udp_sockets(pid) {
+                Ok(sockets) => sockets,
+                Err(err) => {
+                    log::debug!("UDP sockets of PID {pid}: {err:#}");
+                    continue;
+                }
+            };
+            let comm = speakers::comm_of(pid);
+            for socket in sockets {
+                if candidates.len() >= speakers::MAX_CANDIDATES {
+                    log::debug!(
+                        "more than {} candidate speaker sockets: the rest are ignored",
+                        speakers::MAX_CANDIDATES
+                    );
+                    return candidates;
+                }
+                candidates.push(speakers::Candidate {
+                    netns: inode,
+                    netns_label: namespace.label.clone(),
+                    interface: interface.clone(),
+                    ifindex: link.index,
+                    pid,
+                    comm: comm.clone(),
+                    socket,
+                });
+            }
+        }
+        candidates
     }
 
     /// Starts a UAPI query on its own thread, unless the daemon is backing
@@ -547,6 +630,8 @@ mod tests {
             ifindex: 3,
             implementation: Implementation::Userspace,
             daemon_pid: None,
+            discovered_by: DiscoveredBy::Uapi,
+            process: None,
             device: Some(Device { listen_port: 51820, fwmark, peers }),
         };
         Topology { tunnels: vec![tunnel], ..Topology::default() }
