@@ -85,6 +85,23 @@ enum Task {
         #[arg(long)]
         delay_ms: u64,
     },
+    /// (internal) WireGuard-shaped datagrams from a plain UDP socket, for
+    /// the speakers tests; started inside a lab namespace.
+    #[command(hide = true)]
+    WgShaped {
+        #[arg(long)]
+        tun: Option<String>,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        to: Option<std::net::SocketAddr>,
+        #[arg(long, default_value_t = 0)]
+        count: u32,
+        #[arg(long)]
+        respond: bool,
+        #[arg(long)]
+        seconds: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -259,6 +276,16 @@ fn main() -> Result<()> {
         Task::Lab { action } => lab_command(action),
         Task::DelayLine { netns, device, delay_ms } => {
             xtask::delay::serve(&netns, &device, Duration::from_millis(delay_ms))
+        }
+        Task::WgShaped { tun, port, to, count, respond, seconds } => {
+            xtask::speakers_lab::send_shaped(&xtask::speakers_lab::ShapedSender {
+                tun,
+                port,
+                to,
+                count,
+                respond,
+                seconds,
+            })
         }
     }
 }

@@ -258,3 +258,109 @@ impl Drop for SpeakersLab {
         }
     }
 }
+
+/// What a WireGuard-shaped sender does (`cargo xtask wg-shaped`, run inside
+/// a lab namespace by the tests): plain UDP, no WireGuard at all.
+#[derive(Clone, Debug)]
+pub struct ShapedSender {
+    /// Hold a TUN device of this name while sending (a TUN holder without
+    /// a UAPI, i.e. a candidate speaker), or none (a plain socket).
+    pub tun: Option<String>,
+    pub port: u16,
+    /// Where initiation-shaped datagrams go (none: only answer).
+    pub to: Option<std::net::SocketAddr>,
+    pub count: u32,
+    /// Answer every initiation-shaped datagram with a response whose
+    /// receiver index matches it.
+    pub respond: bool,
+    pub seconds: f64,
+}
+
+const INITIATION_LEN: usize = 148;
+const RESPONSE_LEN: usize = 92;
+
+fn shaped(message_type: u8, sender: u32, receiver: u32, length: usize) -> Vec<u8> {
+    let mut message = vec![0u8; length];
+    message[0] = message_type;
+    message[4..8].copy_from_slice(&sender.to_le_bytes());
+    message[8..12].copy_from_slice(&receiver.to_le_bytes());
+    message
+}
+
+/// Opens `name` as a TUN device in this process's namespace.
+fn hold_tun(name: &str) -> Result<fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let file = fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").context("opening /dev/net/tun")?;
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: u16,
+        _pad: [u8; 22],
+    }
+    let mut request = IfReq { name: [0; 16], flags: 0x0001 | 0x1000, _pad: [0; 22] }; // IFF_TUN | IFF_NO_PI
+    anyhow::ensure!(name.len() < 16, "TUN name {name} too long");
+    request.name[..name.len()].copy_from_slice(name.as_bytes());
+    const TUNSETIFF: libc::c_ulong = 0x400454ca;
+    // SAFETY: TUNSETIFF with a struct ifreq-sized buffer we own.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut request) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("TUNSETIFF");
+    }
+    Ok(file)
+}
+
+/// Sends `count` initiation-shaped datagrams (and/or answers them) from a
+/// plain UDP socket, for `seconds`.
+pub fn send_shaped(options: &ShapedSender) -> Result<()> {
+    let _tun = options.tun.as_deref().map(hold_tun).transpose()?;
+    let socket = std::net::UdpSocket::bind(("0.0.0.0", options.port)).context("binding the sender's socket")?;
+    socket.set_read_timeout(Some(Duration::from_millis(5)))?;
+    let deadline = Instant::now() + Duration::from_secs_f64(options.seconds);
+    let mut sent = 0u32;
+    let mut buffer = [0u8; 2048];
+    while Instant::now() < deadline {
+        if let Some(to) = options.to {
+            // In bursts, so the flood is a flood but the loop still answers.
+            for _ in 0..200 {
+                if sent < options.count {
+                    let _ = socket.send_to(&shaped(1, 0x1000_0000 | sent, 0, INITIATION_LEN), to);
+                    sent += 1;
+                }
+            }
+        }
+        while let Ok((n, from)) = socket.recv_from(&mut buffer) {
+            if options.respond && n == INITIATION_LEN && buffer[0] == 1 {
+                let sender = u32::from_le_bytes(buffer[4..8].try_into().expect("4 bytes"));
+                let _ = socket.send_to(&shaped(2, sender ^ 0x5555, sender, RESPONSE_LEN), from);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts [`send_shaped`] inside `namespace` (as `xtask wg-shaped`); the
+/// child is the one holding the TUN device, so it is a TUN holder of that
+/// namespace.
+pub fn spawn_shaped(namespace: &str, options: &ShapedSender) -> Result<Child> {
+    let helper =
+        std::env::var_os("WGTRACE_LAB_HELPER").context("WGTRACE_LAB_HELPER is not set (cargo xtask test sets it)")?;
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", namespace]).arg(helper).args([
+        "wg-shaped",
+        "--port",
+        &options.port.to_string(),
+        "--count",
+        &options.count.to_string(),
+        "--seconds",
+        &options.seconds.to_string(),
+    ]);
+    if let Some(tun) = &options.tun {
+        command.args(["--tun", tun]);
+    }
+    if let Some(to) = options.to {
+        command.args(["--to", &to.to_string()]);
+    }
+    if options.respond {
+        command.arg("--respond");
+    }
+    command.stdin(Stdio::null()).stdout(Stdio::null()).spawn().context("starting a WireGuard-shaped sender")
+}
