@@ -87,17 +87,22 @@ fn wireguard_shaped_datagrams_from_plain_sockets_make_no_speaker_and_memory_stay
     let trace = Trace::start(14.0, &["--interval", "0.5"]).unwrap();
     std::thread::sleep(Duration::from_secs(4));
     let before = rss_kib(trace.pid());
-    let seconds = 6.0;
+    // The senders outlive the trace: a speaker whose process is gone is
+    // no tunnel any more, and the report is taken at the end.
+    let seconds = 14.0;
     // A plain responder in the router answering every initiation with a
     // response whose index matches; plain senders to it from the router
     // (on a port that passes the kernel side's port gate: wg0 listens on
     // 51820 elsewhere) and from the client; and a TUN holder without a UAPI
-    // (a candidate) whose initiations nobody answers.
+    // (a candidate) whose initiations nobody answers. A second TUN holder,
+    // whose trickle of initiations the responder answers, is the control:
+    // it must be found, so the others' absence means something.
     let plain = |port, to: Option<&str>, respond, count| ShapedSender {
         tun: None,
         port,
         to: to.map(|t| t.parse().unwrap()),
         count,
+        burst: 200,
         respond,
         seconds,
     };
@@ -110,16 +115,30 @@ fn wireguard_shaped_datagrams_from_plain_sockets_make_no_speaker_and_memory_stay
             &ShapedSender { tun: Some("tsfake0".into()), ..plain(41710, Some("127.0.0.1:41711"), false, 20_000) },
         )
         .unwrap(),
+        speakers_lab::spawn_shaped(
+            lab::ROUTER,
+            &ShapedSender {
+                tun: Some("tsfake1".into()),
+                burst: 1,
+                ..plain(41720, Some("127.0.0.1:41700"), false, 1_000)
+            },
+        )
+        .unwrap(),
     ];
+    // The floods are sent within about a second; the control trickles on.
+    std::thread::sleep(Duration::from_secs(7));
+    let after = rss_kib(trace.pid());
+    let report = trace.report().unwrap();
     for child in &mut children {
         assert!(child.wait().unwrap().success());
     }
-    let after = rss_kib(trace.pid());
-    let report = trace.report().unwrap();
     let found: Vec<&serde_json::Value> =
         report["tunnels"].as_array().unwrap().iter().filter(|t| t["discovered_by"] == "packets").collect();
-    assert!(found.is_empty(), "WireGuard-shaped datagrams made a speaker: {found:#?}");
-    assert!(tunnel(&report, lab::ROUTER, "tsfake0").is_none());
+    let control = tunnel(&report, lab::ROUTER, "tsfake1").unwrap_or_else(|| panic!("control not found: {report:#}"));
+    assert_eq!(control["peers"][0]["endpoint"], "127.0.0.1:41700");
+    assert_eq!(control["listen_port"], 41720);
+    assert_eq!(found.len(), 1, "only the answered TUN holder is a speaker: {found:#?}");
+    assert!(tunnel(&report, lab::ROUTER, "tsfake0").is_none(), "unanswered initiations make no speaker");
     let growth = after as i64 - before as i64;
     println!("wgtrace RSS before {before} KiB, after {after} KiB, growth {growth} KiB");
     assert!(growth < 4096, "RSS grew by {growth} KiB during the flood");

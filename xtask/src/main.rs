@@ -97,6 +97,8 @@ enum Task {
         to: Option<std::net::SocketAddr>,
         #[arg(long, default_value_t = 0)]
         count: u32,
+        #[arg(long, default_value_t = 200)]
+        burst: u32,
         #[arg(long)]
         respond: bool,
         #[arg(long)]
@@ -277,12 +279,13 @@ fn main() -> Result<()> {
         Task::DelayLine { netns, device, delay_ms } => {
             xtask::delay::serve(&netns, &device, Duration::from_millis(delay_ms))
         }
-        Task::WgShaped { tun, port, to, count, respond, seconds } => {
+        Task::WgShaped { tun, port, to, count, burst, respond, seconds } => {
             xtask::speakers_lab::send_shaped(&xtask::speakers_lab::ShapedSender {
                 tun,
                 port,
                 to,
                 count,
+                burst,
                 respond,
                 seconds,
             })

@@ -270,6 +270,9 @@ pub struct ShapedSender {
     /// Where initiation-shaped datagrams go (none: only answer).
     pub to: Option<std::net::SocketAddr>,
     pub count: u32,
+    /// Datagrams per round (a round waits up to 5 ms for datagrams to
+    /// answer): 200 makes a flood, 1 a trickle of about 200 a second.
+    pub burst: u32,
     /// Answer every initiation-shaped datagram with a response whose
     /// receiver index matches it.
     pub respond: bool,
@@ -320,7 +323,7 @@ pub fn send_shaped(options: &ShapedSender) -> Result<()> {
     while Instant::now() < deadline {
         if let Some(to) = options.to {
             // In bursts, so the flood is a flood but the loop still answers.
-            for _ in 0..200 {
+            for _ in 0..options.burst {
                 if sent < options.count {
                     let _ = socket.send_to(&shaped(1, 0x1000_0000 | sent, 0, INITIATION_LEN), to);
                     sent += 1;
@@ -352,6 +355,8 @@ pub fn spawn_shaped(namespace: &str, options: &ShapedSender) -> Result<Child> {
         &options.count.to_string(),
         "--seconds",
         &options.seconds.to_string(),
+        "--burst",
+        &options.burst.to_string(),
     ]);
     if let Some(tun) = &options.tun {
         command.args(["--tun", tun]);
