@@ -105,6 +105,14 @@ impl Session {
                         p.path.mark
                     );
                     if let Some(peer) = self.tracer.peer_of_slot(p.path.peer) {
+                        // A speaker found from its packets has no UAPI to
+                        // tell its handshakes: the packets do.
+                        if p.message_type == wgtrace_common::wire::MESSAGE_HANDSHAKE_RESPONSE
+                            && let Some(at) =
+                                self.speakers.on_peer_handshake(peer.netns, peer.ifindex, &peer.public_key)
+                        {
+                            set_last_handshake(&mut self.topology, peer, at);
+                        }
                         let rtt = self.latency.on_handshake(((peer.netns, peer.ifindex), &peer.public_key), &p);
                         if let (Some(events), Some(rtt)) = (&mut self.events, rtt) {
                             events.on_handshake_rtt(peer.netns, &peer.public_key, rtt);
@@ -179,6 +187,16 @@ impl Session {
             // Every packet is traced, from start to finish.
             traced_fraction: 1.0,
         })
+    }
+}
+
+fn set_last_handshake(topology: &mut Topology, peer: &crate::probes::peers::PeerId, at: u64) {
+    let tunnel = topology.tunnels.iter_mut().find(|t| t.netns == peer.netns && t.ifindex == peer.ifindex);
+    if let Some(found) = tunnel
+        .and_then(|t| t.device.as_mut())
+        .and_then(|d| d.peers.iter_mut().find(|p| p.public_key == peer.public_key))
+    {
+        found.last_handshake_sec = at;
     }
 }
 

@@ -123,8 +123,9 @@ pub fn comm_of(pid: u32) -> String {
 struct Learned {
     /// Initiations not answered yet: (sender index, endpoint, direction), oldest first.
     pending: VecDeque<(u32, SocketAddr, u8)>,
-    /// Endpoints with a completed handshake, in order of confirmation.
-    peers: Vec<SocketAddr>,
+    /// Endpoints with a completed handshake, in order of confirmation, and
+    /// when (unix seconds) the last one completed.
+    peers: Vec<(SocketAddr, u64)>,
     /// The mark seen on the socket's outgoing handshake messages.
     mark: Option<u32>,
 }
@@ -196,10 +197,14 @@ impl Speakers {
                 });
                 let Some(at) = answered else { return false };
                 learned.pending.remove(at);
-                if learned.peers.contains(&endpoint) || learned.peers.len() >= MAX_SPEAKER_PEERS {
+                if let Some(known) = learned.peers.iter_mut().find(|(e, _)| *e == endpoint) {
+                    known.1 = unix_now();
                     return false;
                 }
-                learned.peers.push(endpoint);
+                if learned.peers.len() >= MAX_SPEAKER_PEERS {
+                    return false;
+                }
+                learned.peers.push((endpoint, unix_now()));
                 true
             }
             _ => false,
@@ -224,9 +229,10 @@ impl Speakers {
             let peers = learned
                 .peers
                 .iter()
-                .map(|endpoint| Peer {
+                .map(|(endpoint, at)| Peer {
                     public_key: keyless_id(*endpoint),
                     endpoint: Some(*endpoint),
+                    last_handshake_sec: *at,
                     ..Peer::default()
                 })
                 .collect();
@@ -245,10 +251,26 @@ impl Speakers {
         topology.tunnels.sort_by(|a, b| (&a.netns_label, &a.interface).cmp(&(&b.netns_label, &b.interface)));
     }
 
+    /// A confirmed speaker's peer completed another handshake (seen as a
+    /// known peer's response): its handshake time moves on. Returns the
+    /// new time for the topology's copy.
+    pub fn on_peer_handshake(&mut self, netns: u64, ifindex: u32, public_key: &str) -> Option<u64> {
+        let endpoint: SocketAddr = public_key.strip_prefix(KEYLESS_PREFIX)?.parse().ok()?;
+        let key = self.candidates.values().find(|c| c.netns == netns && c.ifindex == ifindex)?.key();
+        let peers = &mut self.learned.get_mut(&key)?.peers;
+        let known = peers.iter_mut().find(|(e, _)| *e == endpoint)?;
+        known.1 = unix_now();
+        Some(known.1)
+    }
+
     /// Candidates and open initiations held (for bounds checks).
     pub fn state_size(&self) -> (usize, usize) {
         (self.candidates.len(), self.learned.values().map(|l| l.pending.len()).sum())
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn endpoint_of(event: &CandidateEvent) -> SocketAddr {
@@ -338,6 +360,10 @@ mod tests {
         assert_eq!((device.listen_port, device.fwmark), (41641, 0x80000));
         assert_eq!(device.peers[0].endpoint, Some("192.0.2.200:41642".parse().unwrap()));
         assert!(is_keyless(&device.peers[0].public_key));
+        assert!(device.peers[0].last_handshake_sec > 0, "the handshake seen is the peer's last");
+        let id = device.peers[0].public_key.clone();
+        assert!(speakers.on_peer_handshake(7, 4, &id).is_some());
+        assert!(speakers.on_peer_handshake(7, 5, &id).is_none(), "another device");
         // A responder is confirmed the other way round.
         let wanted = speakers.set_candidates(&[candidate(100, 5, 41641), candidate(200, 6, 41642)]);
         let other = wanted[&(7, 41642)];
