@@ -17,8 +17,10 @@ fn tunnel<'a>(report: &'a serde_json::Value, netns: &str, interface: &str) -> Op
 /// Traces for `seconds` while forcing a fresh handshake now and then (a
 /// speaker is confirmed only by a handshake wgtrace sees, and discovery
 /// must have listed the candidate socket before it).
-fn trace_with_handshakes(pair: &SpeakersLab, seconds: f64) -> serde_json::Value {
-    let trace = Trace::start(seconds, &["--interval", "0.5"]).unwrap();
+fn trace_with_handshakes(pair: &SpeakersLab, seconds: f64, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--interval", "0.5"];
+    args.extend_from_slice(extra);
+    let trace = Trace::start(seconds, &args).unwrap();
     let started = std::time::Instant::now();
     while started.elapsed() < Duration::from_secs_f64(seconds - 2.5) {
         std::thread::sleep(Duration::from_millis(1500));
@@ -35,7 +37,7 @@ fn tailscale_style_speaker_is_found_nested_then_direct_after_the_rule_fix() {
     let _lab = LabGuard::up(&lab::LabOptions::default()).unwrap();
     let pair = speakers_lab::up().unwrap();
     let _traffic = Traffic::ping(speakers_lab::REMOTE).unwrap();
-    let report = trace_with_handshakes(&pair, 8.0);
+    let report = trace_with_handshakes(&pair, 8.0, &[]);
     let ts = tunnel(&report, lab::CLIENT, speakers_lab::INTERFACE).unwrap_or_else(|| panic!("not found: {report:#}"));
     assert_eq!(ts["discovered_by"], "packets", "{ts:#}");
     assert_eq!(ts["process"]["comm"], speakers_lab::COMM);
@@ -64,7 +66,8 @@ fn tailscale_style_speaker_is_found_nested_then_direct_after_the_rule_fix() {
     println!("nested: {peer:#}");
 
     pair.fix().unwrap();
-    let report = trace_with_handshakes(&pair, 8.0);
+    // Discovery through the privileged helper finds it too.
+    let report = trace_with_handshakes(&pair, 9.0, &["--drop-privileges"]);
     let ts = tunnel(&report, lab::CLIENT, speakers_lab::INTERFACE).unwrap_or_else(|| panic!("not found: {report:#}"));
     assert_eq!(ts["discovered_by"], "packets");
     let peer = &ts["peers"][0];
