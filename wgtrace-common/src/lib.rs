@@ -39,7 +39,10 @@ pub const COUNTER_FORGED: u32 = 2;
 /// Known peers' packets dropped because the path map was full of other
 /// paths (it is LRU: this only counts updates that raced an eviction).
 pub const COUNTER_PATHS_FULL: u32 = 3;
-pub const COUNTER_SLOTS: u32 = 4;
+/// Candidate speakers' handshake messages not reported because the
+/// per-CPU budget for them was used up (a flood from a TUN holder).
+pub const COUNTER_CANDIDATES_DROPPED: u32 = 4;
+pub const COUNTER_SLOTS: u32 = 5;
 
 /// An offset the running kernel's BTF could not provide.
 pub const OFFSET_UNAVAILABLE: u32 = u32::MAX;

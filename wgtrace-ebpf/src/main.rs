@@ -34,14 +34,15 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use wgtrace_common::{
-    AF_INET, AF_INET6, AF_PACKET, ARPHRD_NONE, CANDIDATE_MAP_ENTRIES, COUNTER_EVENTS_LOST, COUNTER_FORGED,
-    COUNTER_PATHS_FULL, COUNTER_READ_ERRORS, COUNTER_SLOTS, CandidateEvent, CandidateKey, DIR_EGRESS, DIR_INGRESS,
-    DeviceKey, EVENT_CANDIDATE, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT,
-    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets, OFFSET_UNAVAILABLE,
-    PATH_MAP_ENTRIES, PEER_MAP_ENTRIES, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK,
-    PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerKey, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES,
-    RouteEvent, RouteKey, RouteStats, SOCK_RAW, TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES,
-    TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent, TransmitKey, TransmitOrigin, ciphertext_length,
+    AF_INET, AF_INET6, AF_PACKET, ARPHRD_NONE, CANDIDATE_MAP_ENTRIES, COUNTER_CANDIDATES_DROPPED, COUNTER_EVENTS_LOST,
+    COUNTER_FORGED, COUNTER_PATHS_FULL, COUNTER_READ_ERRORS, COUNTER_SLOTS, CandidateEvent, CandidateKey, DIR_EGRESS,
+    DIR_INGRESS, DeviceKey, EVENT_CANDIDATE, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT,
+    EVENT_TRANSMIT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
+    OFFSET_UNAVAILABLE, PATH_MAP_ENTRIES, PEER_MAP_ENTRIES, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST,
+    PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerKey, PlaintextEvent,
+    RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW, TRANSMIT_BY_LENGTH,
+    TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent, TransmitKey,
+    TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -63,6 +64,12 @@ static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(PEER_MAP_ENTRIES
 /// messages are reported, nothing is counted or stored here.
 #[map]
 static CANDIDATES: HashMap<CandidateKey, u32> = HashMap::with_max_entries(CANDIDATE_MAP_ENTRIES, 0);
+
+/// Candidate events per CPU and window ([window start ns, count]): a TUN
+/// holder flooding handshake-shaped datagrams from its own socket can use
+/// only this much of the ring buffer, never the known tunnels' share.
+#[map]
+static CANDIDATE_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static PATHS: LruPerCpuHashMap<PathKey, PathStats> = LruPerCpuHashMap::with_max_entries(PATH_MAP_ENTRIES, 0);
@@ -587,10 +594,25 @@ fn on_candidate(packet: &Packet, peer: &PeerKey, udp_length: u32) -> Result<(), 
         count(COUNTER_FORGED);
         return Ok(());
     }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(budget) = CANDIDATE_BUDGET.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    unsafe {
+        if now.wrapping_sub((*budget)[0]) > CANDIDATE_WINDOW_NS {
+            (*budget)[0] = now;
+            (*budget)[1] = 0;
+        }
+        if (*budget)[1] >= CANDIDATE_EVENTS_PER_WINDOW {
+            count(COUNTER_CANDIDATES_DROPPED);
+            return Ok(());
+        }
+        (*budget)[1] += 1;
+    }
     let event = CandidateEvent {
         kind: EVENT_CANDIDATE,
         candidate: *candidate,
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        timestamp_ns: now,
         key,
         family: peer.family,
         remote_port: peer.remote_port,
@@ -609,6 +631,10 @@ fn on_candidate(packet: &Packet, peer: &PeerKey, udp_length: u32) -> Result<(), 
     }
     Ok(())
 }
+
+/// Candidate events each CPU may send per window.
+const CANDIDATE_EVENTS_PER_WINDOW: u64 = 256;
+const CANDIDATE_WINDOW_NS: u64 = 100_000_000;
 
 /// A tunnel is known by its own socket: a WireGuard-shaped packet written
 /// by a raw IP/UDP socket or a packet socket (which can claim any source

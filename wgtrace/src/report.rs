@@ -55,7 +55,14 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
             }
             _ => "configuration unreadable".into(),
         };
-        let _ = writeln!(out, "  {} ({}, {config})", tunnel.interface, tunnel.implementation.as_str());
+        // A speaker without a UAPI is named by its device and its process.
+        let found_by = match (&tunnel.discovered_by, &tunnel.process) {
+            (crate::topology::DiscoveredBy::Packets, Some(p)) => {
+                format!(", held by {} (PID {}), no UAPI: found from its packets", p.comm, p.pid)
+            }
+            _ => String::new(),
+        };
+        let _ = writeln!(out, "  {} ({}, {config}{found_by})", tunnel.interface, tunnel.implementation.as_str());
         for peer in &tunnel.peers {
             let endpoint = peer.endpoint.map(crate::redact::endpoint).unwrap_or_else(|| "no endpoint".into());
             let key: String = crate::redact::key(&peer.public_key).chars().take(17).collect();

@@ -316,6 +316,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
         log::warn!("ending the trace: {err:#}; the report follows regardless");
     }
     session.drain_events();
+    if let Ok(dropped @ 1..) = session.tracer.candidate_messages_dropped() {
+        log::warn!(
+            "{dropped} handshake-shaped messages of sockets without a UAPI were over the budget and not examined \
+             (a TUN holder flooding them?)"
+        );
+    }
     // The newest topology the discovery thread has, without waiting for it.
     if topologies.has_changed().unwrap_or(false) {
         let topology = topologies.borrow_and_update().clone();

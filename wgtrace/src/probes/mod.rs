@@ -19,9 +19,10 @@ use aya::{
 };
 use peers::{PeerId, PeerSlots};
 use wgtrace_common::{
-    COUNTER_EVENTS_LOST, COUNTER_FORGED, CandidateEvent, DeviceKey, EVENT_CANDIDATE, EVENT_HANDSHAKE, EVENT_NEW_FLOW,
-    EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerKey,
-    PlaintextEvent, RouteEvent, RouteKey, RouteStats, TUNNEL_KERNEL, TUNNEL_USERSPACE, TransmitEvent,
+    COUNTER_CANDIDATES_DROPPED, COUNTER_EVENTS_LOST, COUNTER_FORGED, CandidateEvent, DeviceKey, EVENT_CANDIDATE,
+    EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT, EVENT_TRANSMIT, PORT_BITMAP_SLOTS, PacketEvent,
+    PathKey, PathStats, PeerKey, PlaintextEvent, RouteEvent, RouteKey, RouteStats, TUNNEL_KERNEL, TUNNEL_USERSPACE,
+    TransmitEvent,
 };
 
 /// A hook wgtrace wants, and what it is for when it is missing.
@@ -306,6 +307,12 @@ impl Tracer {
     /// WireGuard-shaped packets sent from raw or packet sockets, ignored.
     pub fn forged_packets(&self) -> Result<u64> {
         self.counter(COUNTER_FORGED)
+    }
+
+    /// Candidate speakers' handshake messages over the kernel side's
+    /// per-CPU budget, not reported.
+    pub fn candidate_messages_dropped(&self) -> Result<u64> {
+        self.counter(COUNTER_CANDIDATES_DROPPED)
     }
 
     fn counter(&self, slot: u32) -> Result<u64> {

@@ -113,9 +113,16 @@ pub fn parse_udp_table(text: &str) -> Vec<UdpSocket> {
         .collect()
 }
 
-/// A process's short name, as the kernel keeps it (at most 15 bytes).
+/// A process's short name, as the kernel keeps it (at most 15 bytes). The
+/// process chooses it, so control characters (terminal escapes) become `?`.
 pub fn comm_of(pid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/comm")).map(|c| c.trim_end().to_owned()).unwrap_or_default()
+    let comm = fs::read(format!("/proc/{pid}/comm")).unwrap_or_default();
+    sanitize_comm(&comm)
+}
+
+fn sanitize_comm(raw: &[u8]) -> String {
+    let text = String::from_utf8_lossy(raw.strip_suffix(b"\n").unwrap_or(raw));
+    text.chars().take(15).map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// What packets taught about one candidate.
@@ -322,6 +329,12 @@ mod tests {
         };
         event.remote[..4].copy_from_slice(&remote);
         event
+    }
+
+    #[test]
+    fn process_names_cannot_carry_terminal_escapes() {
+        assert_eq!(sanitize_comm(b"tailscaled\n"), "tailscaled");
+        assert_eq!(sanitize_comm(b"\x1b[2Jevil\x07\n"), "?[2Jevil?");
     }
 
     #[test]
