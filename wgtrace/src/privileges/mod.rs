@@ -115,7 +115,8 @@ fn narrow(keep: &[u32], become_nobody: bool) -> Result<()> {
                 || libc::setresgid(NOBODY, NOBODY, NOBODY) != 0
                 || libc::setresuid(NOBODY, NOBODY, NOBODY) != 0
             {
-                return Err(io::Error::last_os_error()).context("becoming user nobody");
+                return Err(io::Error::last_os_error())
+                    .context("becoming user nobody (--drop-privileges needs CAP_SETUID and CAP_SETGID to start with)");
             }
         }
     }
