@@ -42,6 +42,10 @@ pub trait Privileged: Send + Sync {
     /// `pid`, the TUN holder; nothing has been sent on it. None when the
     /// holder has no UAPI socket (it is no WireGuard daemon).
     fn uapi_socket(&self, pid: u32, interface: &str, timeout: Duration) -> Result<Option<OwnedFd>>;
+    /// Ended on purpose (the run is over): failures are then not news.
+    fn is_closed(&self) -> bool {
+        false
+    }
 }
 
 /// Everything in this process, with this process's privileges.
