@@ -10,7 +10,14 @@ use wgtrace_tests::{privileged_or_skip, wgtrace_bin};
 
 /// Runs wgtrace as `nobody` (a copy it can read), with `args`.
 fn as_nobody(args: &[&str]) -> (i32, String, String) {
-    let copy = std::env::temp_dir().join(format!("wgtrace-nobody-{}", std::process::id()));
+    // One copy per call: tests run in parallel, and writing a binary another
+    // test is executing fails with "Text file busy".
+    static COPIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let copy = std::env::temp_dir().join(format!(
+        "wgtrace-nobody-{}-{}",
+        std::process::id(),
+        COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     std::fs::copy(wgtrace_bin(), &copy).unwrap();
     let output = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
