@@ -32,6 +32,34 @@ fn bulk_tcp_over_wg1(seconds: u32) {
     assert!(status.success(), "iperf3 over wg1 failed");
 }
 
+/// Waits until `pid` (a `wgtrace run`) has its programs attached, then
+/// gives it time for its first discovery: start-up is slow under the VM's
+/// emulation, and nothing before it is counted.
+fn wait_until_tracing(pid: u32) {
+    let links = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == "anon_inode:bpf_link"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while links() < 2 {
+        assert!(std::time::Instant::now() < deadline, "wgtrace attached no programs within 120 s");
+        thread::sleep(Duration::from_millis(100));
+    }
+    thread::sleep(Duration::from_millis(3000));
+}
+
+/// Ends a run started with a long --duration, as Ctrl-C would, for its report.
+fn stop(trace: Trace) -> serde_json::Value {
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(trace.pid() as i32, libc::SIGINT) };
+    trace.report().unwrap()
+}
+
 fn counts_match(test: &str, options: lab::LabOptions) {
     if !privileged_or_skip(test) {
         return;
@@ -42,12 +70,12 @@ fn counts_match(test: &str, options: lab::LabOptions) {
     thread::sleep(Duration::from_millis(500));
     // The lab is idle now: WireGuard's counters move only with what follows.
     let (rx_before, tx_before) = wg1_transfer();
-    let trace = Trace::start(9.0, &[]).unwrap();
-    thread::sleep(Duration::from_millis(2000)); // attached, topology known
+    let trace = Trace::start(300.0, &[]).unwrap();
+    wait_until_tracing(trace.pid());
     bulk_tcp_over_wg1(4);
     thread::sleep(Duration::from_millis(500));
     let (rx_after, tx_after) = wg1_transfer();
-    let report = trace.report().unwrap();
+    let report = stop(trace);
     let _ = server.kill();
     let _ = server.wait();
 
@@ -108,13 +136,14 @@ fn a_handshake_under_full_bulk_load_is_timed() {
     let mut server =
         Command::new("ip").args(["netns", "exec", lab::ROUTER, "iperf3", "-s"]).stdout(Stdio::null()).spawn().unwrap();
     thread::sleep(Duration::from_millis(500));
-    let trace = Trace::start(9.0, &[]).unwrap();
-    thread::sleep(Duration::from_millis(2000));
+    let trace = Trace::start(300.0, &[]).unwrap();
+    wait_until_tracing(trace.pid());
     let bulk = thread::spawn(|| bulk_tcp_over_wg1(5));
     thread::sleep(Duration::from_millis(2000)); // at full rate now
     lab::rekey("wg1").unwrap();
     bulk.join().unwrap();
-    let report = trace.report().unwrap();
+    thread::sleep(Duration::from_millis(1000));
+    let report = stop(trace);
     let _ = server.kill();
     let _ = server.wait();
     let handshake = &client_peer(&report, "wg1")["latency"]["handshake_rtt_us"];

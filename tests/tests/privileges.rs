@@ -10,7 +10,14 @@ use wgtrace_tests::{privileged_or_skip, wgtrace_bin};
 
 /// Runs wgtrace as `nobody` (a copy it can read), with `args`.
 fn as_nobody(args: &[&str]) -> (i32, String, String) {
-    let copy = std::env::temp_dir().join(format!("wgtrace-nobody-{}", std::process::id()));
+    // One copy per call: tests run in parallel, and writing a binary another
+    // test is executing fails with "Text file busy".
+    static COPIES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let copy = std::env::temp_dir().join(format!(
+        "wgtrace-nobody-{}-{}",
+        std::process::id(),
+        COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     std::fs::copy(wgtrace_bin(), &copy).unwrap();
     let output = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
@@ -105,16 +112,21 @@ fn dropped_privileges_still_trace() {
         assert!(started.elapsed().as_secs() < 60, "the tracer never became nobody");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Then the first discovery, then the discovery thread starts.
+    while std::fs::read_dir(format!("/proc/{}/task", trace.pid())).unwrap().count() < 2 {
+        assert!(started.elapsed().as_secs() < 60, "no discovery thread after the drop");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
     // The tracer: every thread (the discovery thread and UAPI queries too).
     let credentials = thread_credentials(trace.pid());
     let threads: std::collections::BTreeSet<_> = credentials.iter().map(|(t, _, _)| t.clone()).collect();
     assert!(threads.len() >= 2, "the discovery thread is among them: {credentials:?}");
-    // Kernels before 6.5 with kernel.unprivileged_bpf_disabled refuse map
+    // Kernels before 5.19 with kernel.unprivileged_bpf_disabled refuse map
     // reads by fd without CAP_BPF: there (only) the tracer keeps CAP_BPF.
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut version = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
-    let old_kernel = (version.next().unwrap(), version.next().unwrap()) < (6, 5)
+    let old_kernel = (version.next().unwrap(), version.next().unwrap()) < (5, 19)
         && std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").unwrap().trim() != "0";
     let allowed = if old_kernel { CAP_BPF | 1 << 12 | 1 << 13 } else { 1 << 12 | 1 << 13 };
     for (thread, field, value) in &credentials {

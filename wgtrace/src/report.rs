@@ -22,8 +22,9 @@ pub struct Report {
     /// Routing-table lookups of UDP flows per (mark, table).
     pub route_lookups: Vec<RouteLookups>,
     pub duration_seconds: f64,
-    /// Share of the run with the programs attached: 1 unless the load made
-    /// wgtrace trace in windows, when packet counts are extrapolated.
+    /// Share of the run with the programs attached: always 1 now that every
+    /// packet is traced (kept for consumers of versions that traced in
+    /// windows).
     pub traced_fraction: f64,
 }
 
@@ -122,14 +123,6 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
         out.push('\n');
     }
     let _ = writeln!(out, "events lost: {}", report.events_lost);
-    if report.traced_fraction < 1.0 {
-        let _ = writeln!(
-            out,
-            "traced {:.0}% of the time: the load was above --max-traced-rate, so wgtrace traced in windows; \
-             packet counts are extrapolated from them",
-            report.traced_fraction * 100.0
-        );
-    }
     if report.forged_packets > 0 {
         let _ = writeln!(
             out,

@@ -369,6 +369,7 @@ fn spawn_discovery(mut discoverer: Discoverer, interval: Duration) -> Result<tok
                             return; // the run is over
                         }
                     }
+                    Err(_) if discoverer.is_closed() => return, // the run is over
                     // Keep the last snapshot; say so once per outage.
                     Err(err) if !std::mem::replace(&mut failing, true) => {
                         log::warn!("discovering tunnels: {err:#}; keeping the last view");

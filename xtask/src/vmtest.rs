@@ -18,6 +18,17 @@ use crate::vm::{self, VmOptions};
 /// software emulation every packet is much slower.
 pub const SUITES: &[&str] = &["nesting", "check", "kernel", "counting"];
 
+/// The suites to run: all of [`SUITES`], or those named (comma-separated)
+/// in WGTRACE_VM_SUITES, for a quicker look at one of them.
+fn selected() -> Vec<&'static str> {
+    match std::env::var("WGTRACE_VM_SUITES") {
+        Ok(names) if !names.trim().is_empty() => {
+            SUITES.iter().copied().filter(|s| names.split(',').any(|n| n.trim() == *s)).collect()
+        }
+        _ => SUITES.to_vec(),
+    }
+}
+
 /// Builds the test binaries and returns their paths by suite name.
 fn test_binaries(workspace: &Path) -> Result<Vec<(String, PathBuf)>> {
     let output = Command::new(env!("CARGO"))
@@ -37,11 +48,11 @@ fn test_binaries(workspace: &Path) -> Result<Vec<(String, PathBuf)>> {
         else {
             continue;
         };
-        if SUITES.contains(&name) {
+        if selected().contains(&name) {
             binaries.push((name.to_owned(), PathBuf::from(executable)));
         }
     }
-    for suite in SUITES {
+    for suite in selected() {
         anyhow::ensure!(binaries.iter().any(|(n, _)| n == suite), "test suite {suite} was not built");
     }
     Ok(binaries)

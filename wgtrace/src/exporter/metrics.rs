@@ -237,8 +237,8 @@ fn write_families(report: &Report, series: Series, encoder: &mut DescriptorEncod
     let traced = ConstGauge::new(report.traced_fraction);
     traced.encode(encoder.encode_descriptor(
         "wgtrace_traced_ratio",
-        "Share of the run with the programs attached: below 1 when high load made wgtrace trace in windows, \
-         and packet counts are extrapolated from them.",
+        "Share of the run with the programs attached: always 1, every packet is traced (kept for dashboards \
+         of versions that traced in windows).",
         None,
         traced.metric_type(),
     )?)?;
@@ -439,7 +439,7 @@ pub(crate) mod tests {
             forged_packets: 0,
             route_lookups: Vec::new(),
             duration_seconds: 3.0,
-            traced_fraction: 0.25,
+            traced_fraction: 1.0,
         })
     }
 
@@ -491,7 +491,7 @@ pub(crate) mod tests {
         );
         assert!(text.contains("# TYPE wgtrace_transport_packets counter\n"), "{text}");
         assert!(text.contains("# TYPE wgtrace_traced_ratio gauge\n"), "{text}");
-        assert_eq!(sample(&text, "wgtrace_traced_ratio"), "0.25");
+        assert_eq!(sample(&text, "wgtrace_traced_ratio"), "1.0");
         // Both wg1 peers leave via wg0 unmarked: one series, summed.
         let wg1 = r#"{netns="wgtlab-client",interface="wg1",egress_interface="wg0",mark="0"}"#;
         assert_eq!(sample(&text, &format!("wgtrace_transport_packets_total{wg1}")), "35");

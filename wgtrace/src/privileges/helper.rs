@@ -16,7 +16,10 @@
 //! It exits when the parent closes its end, and is killed if the parent dies.
 
 use std::{
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+        unix::process::CommandExt as _,
+    },
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::Mutex,
@@ -66,6 +69,7 @@ pub struct Client {
     raw_socket: RawFd,
     pid: u32,
     child: Mutex<Option<std::process::Child>>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Client {
@@ -85,6 +89,7 @@ impl Client {
         // SAFETY: fcntl on a descriptor we own.
         unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_SETFD, 0) };
         let child = Command::new("/proc/self/exe")
+            .arg0("wgtrace-privileged-helper")
             .env(ENV, theirs.as_raw_fd().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -97,6 +102,7 @@ impl Client {
             socket: Mutex::new(ours),
             pid: child.id(),
             child: Mutex::new(Some(child)),
+            closed: Default::default(),
         };
         let ready = client.receive(&client.socket.lock().expect("fresh mutex"))?;
         match ready {
@@ -115,6 +121,7 @@ impl Client {
     /// nobody). Waits at most 500 ms for it; were this process to die
     /// instead, PDEATHSIG kills it.
     pub fn end(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
         // Without taking the channel's lock: a discovery may hold it.
         // SAFETY: shutdown(2) on the descriptor this client owns.
         unsafe { libc::shutdown(self.raw_socket, libc::SHUT_RDWR) };
@@ -143,6 +150,10 @@ impl Client {
 }
 
 impl Privileged for Client {
+    fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn namespaces(&self) -> Result<Vec<Netns>> {
         match self.call(&Request::Namespaces)? {
             (Response::Namespaces(namespaces), _) => Ok(namespaces),

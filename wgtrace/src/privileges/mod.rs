@@ -17,7 +17,7 @@
 //! no_new_privs. It holds none of CAP_SYS_ADMIN, CAP_BPF or CAP_PERFMON, so
 //! it can neither load BPF, nor read kernel memory through BPF, nor enter a
 //! namespace. It reads its BPF maps through the descriptors it already has:
-//! Linux 6.5 and later allow that without CAP_BPF (see [`bpf_by_fd_needs_cap_bpf`]).
+//! Linux 5.19 and later allow that without CAP_BPF (see [`bpf_by_fd_needs_cap_bpf`]).
 
 pub mod helper;
 
@@ -68,17 +68,19 @@ fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map(|tasks| tasks.count()).unwrap_or(0)
 }
 
-/// Kernels before 6.5 refuse every bpf() command, map reads by fd
+/// Kernels before 5.19 refuse every bpf() command, map reads by fd
 /// included, to a process without CAP_BPF while
-/// kernel.unprivileged_bpf_disabled is set (Debian's default). 6.5 moved
-/// that check to program loading and map creation.
+/// kernel.unprivileged_bpf_disabled is set (Debian's default). 5.19
+/// ("bpf: refine kernel.unprivileged_bpf_disabled behaviour") narrowed that
+/// to BPF_PROG_LOAD and BPF_MAP_CREATE; access to existing objects then
+/// depends on holding their descriptors.
 pub fn bpf_by_fd_needs_cap_bpf() -> bool {
     let disabled =
         std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").map(|v| v.trim() != "0").unwrap_or(true);
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let mut numbers = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
     let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    disabled && version < (6, 5)
+    disabled && version < (5, 19)
 }
 
 /// Narrows the calling thread (the only one: checked) to `keep` in the
@@ -113,7 +115,8 @@ fn narrow(keep: &[u32], become_nobody: bool) -> Result<()> {
                 || libc::setresgid(NOBODY, NOBODY, NOBODY) != 0
                 || libc::setresuid(NOBODY, NOBODY, NOBODY) != 0
             {
-                return Err(io::Error::last_os_error()).context("becoming user nobody");
+                return Err(io::Error::last_os_error())
+                    .context("becoming user nobody (--drop-privileges needs CAP_SETUID and CAP_SETGID to start with)");
             }
         }
     }
@@ -149,7 +152,7 @@ pub fn drop_after_attach() -> Result<()> {
     if bpf_by_fd_needs_cap_bpf() {
         keep.push(CAP_BPF);
         log::warn!(
-            "this kernel (before 6.5, kernel.unprivileged_bpf_disabled set) refuses BPF map reads without CAP_BPF: \
+            "this kernel (before 5.19, kernel.unprivileged_bpf_disabled set) refuses BPF map reads without CAP_BPF: \
              keeping CAP_BPF (not CAP_SYS_ADMIN or CAP_PERFMON); a compromise of wgtrace could then load BPF"
         );
     }

@@ -6,6 +6,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
 };
 
 use wgtrace_common::{AF_INET, AF_INET6, PEER_MAP_ENTRIES, PORT_BITMAP_SLOTS, PeerKey};
@@ -20,13 +21,24 @@ pub struct PeerId {
     pub public_key: String,
 }
 
+/// How long a peer that vanished from the topology keeps its slot and its
+/// `PEERS` entry: a peer removed and added back (`wg set ... remove`, a
+/// restart) is the same peer, and its first handshake after coming back
+/// often comes before the next discovery would announce it.
+pub const VANISHED_GRACE: Duration = Duration::from_secs(30);
+
 /// Slot numbers, stable while a peer exists (so its counts continue across
 /// endpoint changes) and never reused (so a new peer never inherits an old
-/// one's paths). Bounded by the topology: a vanished peer's slot is dropped.
+/// one's paths). Bounded by the topology: a vanished peer's slot is dropped
+/// after [`VANISHED_GRACE`].
 #[derive(Default)]
 pub struct PeerSlots {
     slots: HashMap<PeerId, u32>,
     by_slot: HashMap<u32, PeerId>,
+    /// Peers gone from the topology: slot, last key, when last seen.
+    vanished: HashMap<PeerId, (u32, Option<PeerKey>, Instant)>,
+    /// Each present peer's current key.
+    keys: HashMap<PeerId, PeerKey>,
     next: u32,
     warned_full: bool,
 }
@@ -34,8 +46,13 @@ pub struct PeerSlots {
 impl PeerSlots {
     /// Follows `topology`; returns the `PEERS` map's wanted contents.
     pub fn update(&mut self, topology: &Topology) -> HashMap<PeerKey, u32> {
+        self.update_at(topology, Instant::now())
+    }
+
+    fn update_at(&mut self, topology: &Topology, now: Instant) -> HashMap<PeerKey, u32> {
         let mut wanted = HashMap::new();
         let mut present = HashMap::new();
+        let mut keys = HashMap::new();
         for tunnel in &topology.tunnels {
             let Some(device) = &tunnel.device else { continue };
             for peer in &device.peers {
@@ -46,21 +63,39 @@ impl PeerSlots {
                     }
                     break;
                 }
-                let slot = match self.slots.get(&id) {
-                    Some(slot) => *slot,
-                    None => {
-                        self.next += 1;
-                        self.next
-                    }
-                };
+                let known = self.slots.get(&id).copied().or_else(|| self.vanished.remove(&id).map(|(slot, _, _)| slot));
+                let slot = known.unwrap_or_else(|| {
+                    self.next += 1;
+                    self.next
+                });
                 if let Some(endpoint) = peer.endpoint {
-                    wanted.insert(peer_key(tunnel.netns, device.listen_port, endpoint), slot);
+                    let key = peer_key(tunnel.netns, device.listen_port, endpoint);
+                    wanted.insert(key, slot);
+                    keys.insert(id.clone(), key);
                 }
                 present.insert(id, slot);
             }
         }
+        // Peers that just vanished wait out the grace period, keys and all.
+        for (id, slot) in std::mem::take(&mut self.slots) {
+            if !present.contains_key(&id) {
+                self.vanished.insert(id.clone(), (slot, self.keys.get(&id).copied(), now));
+            }
+        }
+        self.vanished.retain(|_, (_, _, since)| now.duration_since(*since) < VANISHED_GRACE);
+        for (slot, key, _) in self.vanished.values() {
+            if let Some(key) = key
+                && wanted.len() < PEER_MAP_ENTRIES as usize
+            {
+                wanted.entry(*key).or_insert(*slot);
+            }
+        }
         self.by_slot = present.iter().map(|(id, slot)| (*slot, id.clone())).collect();
+        for (id, (slot, _, _)) in &self.vanished {
+            self.by_slot.entry(*slot).or_insert_with(|| id.clone());
+        }
         self.slots = present;
+        self.keys = keys;
         wanted
     }
 
@@ -137,22 +172,34 @@ mod tests {
     }
 
     #[test]
-    fn slots_are_stable_never_reused_and_dropped_with_their_peer() {
+    fn slots_are_stable_never_reused_and_dropped_after_a_grace_period() {
         let mut slots = PeerSlots::default();
+        let start = Instant::now();
         let a = PeerId { netns: 7, ifindex: 3, public_key: "a".into() };
         let b = PeerId { netns: 7, ifindex: 3, public_key: "b".into() };
-        let wanted = slots.update(&topology(vec![tunnel(7, 3, 51821, &[("a", Some("10.0.0.1:51821")), ("b", None)])]));
-        assert_eq!(wanted.len(), 1, "a peer without an endpoint has no packets to match");
+        let both = topology(vec![tunnel(7, 3, 51821, &[("a", Some("10.0.0.1:51821")), ("b", Some("10.0.0.2:1"))])]);
+        let wanted = slots.update_at(&both, start);
+        assert_eq!(wanted.len(), 2);
         let (slot_a, slot_b) = (slots.slot(&a).unwrap(), slots.slot(&b).unwrap());
         assert_ne!(slot_a, slot_b);
-        // a's endpoint moves: same slot, new key.
-        let wanted = slots.update(&topology(vec![tunnel(7, 3, 51821, &[("a", Some("10.0.0.9:51821"))])]));
+        // a's endpoint moves: same slot, new key; b is removed, and keeps
+        // its slot and key for the grace period.
+        let only_a = topology(vec![tunnel(7, 3, 51821, &[("a", Some("10.0.0.9:51821"))])]);
+        let wanted = slots.update_at(&only_a, start + Duration::from_secs(1));
         assert_eq!(slots.slot(&a), Some(slot_a));
         assert_eq!(slots.slot(&b), None);
+        assert_eq!(wanted.len(), 2, "b's key stays while it may come back");
+        assert_eq!(slots.peer(slot_b), Some(&b), "events during the grace period still name b");
+        // Added back within the grace period: the same peer, same slot.
+        slots.update_at(&both, start + Duration::from_secs(2));
+        assert_eq!(slots.slot(&b), Some(slot_b));
+        // Gone for longer: its slot is dropped, and a return is a new peer.
+        slots.update_at(&only_a, start + Duration::from_secs(3));
+        let wanted = slots.update_at(&only_a, start + Duration::from_secs(3) + VANISHED_GRACE);
         assert_eq!(wanted.values().copied().collect::<Vec<_>>(), vec![slot_a]);
-        slots.update(&topology(vec![tunnel(7, 3, 51821, &[("a", None), ("b", None)])]));
+        assert_eq!(slots.peer(slot_b), None);
+        slots.update_at(&both, start + Duration::from_secs(40));
         assert!(slots.slot(&b).unwrap() > slot_b, "b came back as a new peer");
-        assert_eq!(slots.peer(slot_a), Some(&a));
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub trait Privileged: Send + Sync {
     /// The UDP sockets of `pid`, which must hold a TUN device (candidate
     /// WireGuard speakers' sockets; nothing else is listed).
     fn udp_sockets(&self, pid: u32) -> Result<Vec<UdpSocket>>;
+    /// Ended on purpose (the run is over): failures are then not news.
+    fn is_closed(&self) -> bool {
+        false
+    }
 }
 
 /// Everything in this process, with this process's privileges.

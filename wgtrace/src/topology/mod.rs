@@ -384,7 +384,10 @@ impl Discoverer {
                     Err(err) if err.downcast_ref::<BackingOff>().is_some() => None,
                     Err(err) => {
                         let message = format!("{label}/{}: {err:#}", link.name);
-                        if self.logged.insert((inode, link.name.clone()), message.clone()).as_ref() != Some(&message) {
+                        if !self.access.is_closed()
+                            && self.logged.insert((inode, link.name.clone()), message.clone()).as_ref()
+                                != Some(&message)
+                        {
                             log::warn!("{message}");
                         }
                         None
@@ -541,6 +544,11 @@ impl Discoverer {
             }
         }
         Ok((links, rules_v4, rules_v6, kernel_devices, Arc::clone(&sockets.oracle)))
+    }
+
+    /// Whether its privileged access was ended on purpose (the run is over).
+    pub fn is_closed(&self) -> bool {
+        self.access.is_closed()
     }
 
     /// Waits until a namespace seen in the last discovery reports a link or

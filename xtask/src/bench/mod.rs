@@ -117,8 +117,8 @@ const NON_TUNNEL_REMOTE: &str = "192.0.2.1";
 /// the topology (its first refresh) before a measurement.
 const SETTLE: Duration = Duration::from_millis(1500);
 /// The loads of the second lab, with trixie's wireguard-go (UDP GSO/GRO):
-/// wg1 comes up fixed there (nested, it passes no traffic; see
-/// docs/performance.md).
+/// wg1 comes up fixed there (nested, it got no ping reply in the lab's
+/// bring-up check; see docs/performance.md).
 const GSO_TCP_TESTS: [(&str, &str); 2] =
     [("wg0 (full tunnel)", lab::WG0_REMOTE), ("wg1 fixed (direct)", lab::WG1_REMOTE)];
 

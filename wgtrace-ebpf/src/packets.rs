@@ -1,0 +1,295 @@
+//! Packets on devices: the gate every packet passes, then, for the few that
+//! pass, known peers' transport counted per path and plaintext probes.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// The headers of an IPv4 packet without options, read in one go: the IP
+/// header, then the first 20 bytes of UDP (8 of header, WireGuard's 12-byte
+/// message prefix), TCP or ICMP.
+const IPV4_READ: usize = 40;
+/// The same after IPv6's fixed header.
+const IPV6_READ: usize = 60;
+const L4_READ: usize = 8 + HEADER_PREFIX_LEN;
+
+/// The IP-level facts every later step needs.
+pub(crate) struct Packet {
+    pub(crate) skb: *const u8,
+    pub(crate) dev: *const u8,
+    pub(crate) direction: u8,
+    pub(crate) family: u16,
+    pub(crate) protocol: u8,
+    pub(crate) saddr: [u8; 16],
+    pub(crate) daddr: [u8; 16],
+    /// Where the transport header starts, for the length of a GSO skb.
+    pub(crate) l4: *const u8,
+    pub(crate) ip_length: u32,
+    /// The first bytes of the transport header.
+    pub(crate) l4_bytes: [u8; L4_READ],
+}
+
+/// The gate every packet on the host passes: the ethertype, one read of
+/// the IP header and ports, then one bit of the port bitmap (or the device
+/// type, for plaintext probes). Kept apart from the rest, which is a
+/// separate BPF function, so that the compiler cannot pull the later steps'
+/// work in front of the test.
+#[inline(always)]
+pub(crate) fn on_packet(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
+    let ethertype: u16 = load(skb, offset!(skb_protocol));
+    if ethertype != ETH_P_IP_RAW && ethertype != ETH_P_IPV6_RAW {
+        return Ok(());
+    }
+    let l3 = network_header(skb, direction);
+    let (protocol, ports) = if ethertype == ETH_P_IP_RAW {
+        let header: [u8; 24] = read(l3, 0)?;
+        // Without IP options the ports follow at 20; anything else is
+        // rare enough to take the long way.
+        if header[0] != 0x45 {
+            return inspect(skb, dev, direction);
+        }
+        (header[9], [header[20], header[21], header[22], header[23]])
+    } else {
+        let header: [u8; 44] = read(l3, 0)?;
+        (header[6], [header[40], header[41], header[42], header[43]])
+    };
+    let worth_a_look = match protocol {
+        IPPROTO_UDP => {
+            let local = if direction == DIR_EGRESS { [ports[0], ports[1]] } else { [ports[2], ports[3]] };
+            tunnel_port(u16::from_be_bytes(local))
+        }
+        IPPROTO_TCP | IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let device_type: u16 = load(dev, offset!(net_device_type));
+            device_type == ARPHRD_NONE
+        }
+        _ => false,
+    };
+    if !worth_a_look {
+        return Ok(());
+    }
+    inspect(skb, dev, direction)
+}
+
+/// On transmit the stack has set the network header; on receive the
+/// tracepoint fires before it is reset, but `data` already points at L3.
+#[inline(always)]
+fn network_header(skb: *const u8, direction: u8) -> *const u8 {
+    if direction == DIR_EGRESS {
+        let head: *const u8 = load(skb, offset!(skb_head));
+        let network_header: u16 = load(skb, offset!(skb_network_header));
+        head.wrapping_add(network_header as usize)
+    } else {
+        load(skb, offset!(skb_data))
+    }
+}
+
+/// A packet the gate let through: parsed in full and handled.
+#[inline(never)]
+fn inspect(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
+    let ethertype: u16 = load(skb, offset!(skb_protocol));
+    let l3 = network_header(skb, direction);
+    let mut packet = Packet {
+        skb,
+        dev,
+        direction,
+        family: 0,
+        protocol: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        l4: l3,
+        ip_length: 0,
+        l4_bytes: [0; L4_READ],
+    };
+    if ethertype == ETH_P_IP_RAW {
+        // Read again, in full: only packets past the gate get here.
+        let header: [u8; IPV4_READ] = read(l3, 0)?;
+        let ihl = ((header[0] & 0x0f) as usize) * 4;
+        let not_first_fragment = (header[6] & 0x1f) != 0 || header[7] != 0;
+        if header[0] >> 4 != 4 || ihl < 20 || not_first_fragment {
+            return Ok(());
+        }
+        packet.protocol = header[9];
+        packet.family = AF_INET;
+        packet.saddr[..4].copy_from_slice(&header[12..16]);
+        packet.daddr[..4].copy_from_slice(&header[16..20]);
+        packet.ip_length = u16::from_be_bytes([header[2], header[3]]) as u32;
+        packet.l4 = l3.wrapping_add(ihl);
+        if ihl == 20 {
+            packet.l4_bytes.copy_from_slice(&header[20..20 + L4_READ]);
+        } else {
+            // IP options (rare): the transport header is further on.
+            packet.l4_bytes = read(packet.l4, 0)?;
+        }
+    } else {
+        let header: [u8; IPV6_READ] = read(l3, 0)?;
+        // Only a transport header directly after the fixed header; extension
+        // headers are rare on tunnel transport and not followed here.
+        if header[0] >> 4 != 6 {
+            return Ok(());
+        }
+        packet.protocol = header[6];
+        packet.family = AF_INET6;
+        packet.saddr.copy_from_slice(&header[8..24]);
+        packet.daddr.copy_from_slice(&header[24..40]);
+        packet.ip_length = 40 + u16::from_be_bytes([header[4], header[5]]) as u32;
+        packet.l4 = l3.wrapping_add(40);
+        packet.l4_bytes.copy_from_slice(&header[40..40 + L4_READ]);
+    }
+    match packet.protocol {
+        IPPROTO_UDP => on_udp(&packet),
+        IPPROTO_TCP | IPPROTO_ICMP | IPPROTO_ICMPV6 => on_plaintext(&packet),
+        _ => Ok(()),
+    }
+}
+
+/// Wire packets and UDP payload bytes in this skb. A GSO skb (UDP GSO from
+/// wireguard-go since 2023, or GRO) holds `gso_segs` datagrams with one
+/// UDP header between them: its payload is what follows that header.
+#[inline(always)]
+fn wire_counts(packet: &Packet, udp_length: u32) -> (u64, u64) {
+    let head: *const u8 = load(packet.skb, offset!(skb_head));
+    let end: u32 = load(packet.skb, offset!(skb_end));
+    let gso = read::<[u16; 2]>(head.wrapping_add(end as usize), offset!(shinfo_gso_size)).unwrap_or([0, 0]);
+    let (gso_size, gso_segs) = (gso[0], gso[1]);
+    if gso_size == 0 || gso_segs <= 1 {
+        return (1, udp_length.saturating_sub(8) as u64);
+    }
+    let data: u64 = load(packet.skb, offset!(skb_data));
+    let length: u32 = load(packet.skb, offset!(skb_len));
+    let before_payload = (packet.l4 as u64).wrapping_sub(data).wrapping_add(8);
+    (gso_segs as u64, (length as u64).saturating_sub(before_payload))
+}
+
+#[inline(always)]
+fn on_udp(packet: &Packet) -> Result<(), ()> {
+    let udp = &packet.l4_bytes;
+    let udp_length = u16::from_be_bytes([udp[4], udp[5]]) as u32;
+    let netns = netns_of_device(packet.dev);
+    let source_port = u16::from_be_bytes([udp[0], udp[1]]);
+    let destination_port = u16::from_be_bytes([udp[2], udp[3]]);
+    let egress = packet.direction == DIR_EGRESS;
+    let peer = PeerKey {
+        netns,
+        family: packet.family,
+        local_port: if egress { source_port } else { destination_port },
+        remote_port: if egress { destination_port } else { source_port },
+        _pad: 0,
+        remote: if egress { packet.daddr } else { packet.saddr },
+    };
+    // Only a known tunnel socket talking to a known endpoint goes on.
+    let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
+        return super::speakers::on_candidate(packet, &peer, udp_length);
+    };
+    // Everything between a tunnel's socket and its peer's endpoint is that
+    // tunnel's WireGuard traffic, and counted. The message itself may not be
+    // readable here: a GSO skb can keep its payload in page fragments, past
+    // the linear headers. Handshakes (small, linear) always are.
+    let mut prefix = [0u8; HEADER_PREFIX_LEN];
+    prefix.copy_from_slice(&udp[8..8 + HEADER_PREFIX_LEN]);
+    let message = wire::classify(&prefix, udp_length.wrapping_sub(8));
+    let message_type = match message {
+        Some(message) => message.message_type,
+        None => 0,
+    };
+    let ifindex: u32 = load(packet.dev, offset!(net_device_ifindex));
+    let key = PathKey {
+        peer: *slot,
+        ifindex,
+        mark: load(packet.skb, offset!(skb_mark)),
+        direction: packet.direction,
+        _pad: [0; 3],
+    };
+    let (packets, bytes) = wire_counts(packet, udp_length);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let new_path = match PATHS.get_ptr_mut(&key) {
+        Some(stats) => {
+            unsafe {
+                (*stats).packets += packets;
+                (*stats).bytes += bytes;
+                (*stats).last_seen_ns = now;
+            }
+            false
+        }
+        None => {
+            // Checked once per path, when it would start: a forged packet
+            // never gets a path of its own, so it can never make a verdict.
+            if egress && forged(packet.skb)? {
+                count(COUNTER_FORGED);
+                return Ok(());
+            }
+            let stats = PathStats { packets, bytes, last_seen_ns: now };
+            if PATHS.insert(&key, &stats, BPF_NOEXIST).is_err() {
+                // Another CPU created it in between: count there.
+                match PATHS.get_ptr_mut(&key) {
+                    Some(stats) => unsafe {
+                        (*stats).packets += packets;
+                        (*stats).bytes += bytes;
+                        (*stats).last_seen_ns = now;
+                    },
+                    None => count(COUNTER_PATHS_FULL),
+                }
+                false
+            } else {
+                true
+            }
+        }
+    };
+    let payload_length = udp_length.wrapping_sub(8);
+    if message_type == wire::MESSAGE_TRANSPORT_DATA || message_type == 0 {
+        if egress && message_type != 0 {
+            follow_transmit(packet.skb, netns, &key, payload_length, packet.ip_length, now);
+        }
+        if !new_path {
+            return Ok(());
+        }
+    }
+    let mut event = PacketEvent {
+        kind: if message_type == wire::MESSAGE_TRANSPORT_DATA || message_type == 0 {
+            EVENT_NEW_FLOW
+        } else {
+            EVENT_HANDSHAKE
+        },
+        message_type,
+        timestamp_ns: now,
+        path: key,
+        netns,
+        length: payload_length,
+        sender: message.map_or(0, |m| m.sender),
+        receiver: message.map_or(0, |m| m.receiver),
+        ..PacketEvent::default()
+    };
+    device_name(packet.dev, &mut event.ifname);
+    if EVENTS.output::<PacketEvent>(&event, 0).is_err() {
+        count(COUNTER_EVENTS_LOST);
+    }
+    Ok(())
+}
+
+/// A tunnel is known by its own socket: a WireGuard-shaped packet written
+/// by a raw IP/UDP socket or a packet socket (which can claim any source
+/// port) is not a tunnel's. Other sockets pass: kernel WireGuard encrypts in
+/// place, so its transport skb still names whatever socket sent the
+/// plaintext (TCP, a ping socket, ...), and forwarded packets have none.
+#[inline(always)]
+pub(crate) fn forged(skb: *const u8) -> Result<bool, ()> {
+    let (type_at, protocol_at, family_at) = unsafe {
+        (
+            core::ptr::read_volatile(&KERNEL_OFFSETS.sock_type),
+            core::ptr::read_volatile(&KERNEL_OFFSETS.sock_protocol),
+            core::ptr::read_volatile(&KERNEL_OFFSETS.sock_family),
+        )
+    };
+    if type_at == OFFSET_UNAVAILABLE || protocol_at == OFFSET_UNAVAILABLE || family_at == OFFSET_UNAVAILABLE {
+        return Ok(false);
+    }
+    let sock: *const u8 = load(skb, offset!(skb_sk));
+    if sock.is_null() {
+        return Ok(false);
+    }
+    let family: u16 = load(sock, family_at as usize);
+    if family == AF_PACKET {
+        return Ok(true);
+    }
+    let socket_type: u16 = load(sock, type_at as usize);
+    let protocol: u16 = load(sock, protocol_at as usize);
+    Ok(socket_type == SOCK_RAW && (protocol == IPPROTO_RAW || protocol == IPPROTO_UDP as u16))
+}

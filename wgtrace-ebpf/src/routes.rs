@@ -1,0 +1,109 @@
+//! Routing decisions: the FIB hooks, gated on the listen-port bitmap like
+//! the packet hooks, recording known peers' lookups per (peer, mark, table).
+
+#[allow(unused_imports)]
+use super::*;
+
+/// `trace_fib_table_lookup(tb_id, flp, nhc, err)`: fires once per table a
+/// lookup visits, so one packet can produce several (e.g. main, suppressed by
+/// `suppress_prefixlength 0`, then 51820). Userspace picks the decision that
+/// matches where the packet really went.
+#[inline(always)]
+pub(crate) fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let flow: *const u8 = ctx.arg(1);
+    let protocol: u8 = load(flow, offset!(flowi4_proto));
+    if protocol != IPPROTO_UDP {
+        return Ok(());
+    }
+    let sport = u16::from_be(load(flow, offset!(flowi4_sport)));
+    if !tunnel_port(sport) {
+        return Ok(());
+    }
+    let nexthop: *const u8 = ctx.arg(2);
+    let error: i32 = ctx.arg(3);
+    let device: *const u8 =
+        if nexthop.is_null() || error != 0 { core::ptr::null() } else { load(nexthop, offset!(fib_nh_common_dev)) };
+    let mut peer = PeerKey {
+        netns: if device.is_null() { netns_of_current_task()? } else { netns_of_device(device) },
+        family: AF_INET,
+        local_port: sport,
+        remote_port: u16::from_be(load(flow, offset!(flowi4_dport))),
+        ..PeerKey::default()
+    };
+    let daddr = load::<u32>(flow, offset!(flowi4_daddr)).to_ne_bytes();
+    peer.remote[..4].copy_from_slice(&daddr);
+    let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
+        return Ok(());
+    };
+    let key = RouteKey { peer: *slot, mark: load(flow, offset!(flowi4_mark)), table: ctx.arg(0), _pad: 0 };
+    record_route(&key, device, error)
+}
+
+/// `trace_fib6_table_lookup(net, res, table, flp)`.
+#[inline(always)]
+pub(crate) fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let flow: *const u8 = ctx.arg(3);
+    let protocol: u8 = load(flow, offset!(flowi6_proto));
+    if protocol != IPPROTO_UDP {
+        return Ok(());
+    }
+    let sport = u16::from_be(load(flow, offset!(flowi6_sport)));
+    if !tunnel_port(sport) {
+        return Ok(());
+    }
+    let net: *const u8 = ctx.arg(0);
+    let result: *const u8 = ctx.arg(1);
+    let table: *const u8 = ctx.arg(2);
+    let peer = PeerKey {
+        netns: load(net, offset!(net_inum)),
+        family: AF_INET6,
+        local_port: sport,
+        remote_port: u16::from_be(load(flow, offset!(flowi6_dport))),
+        remote: read(flow, offset!(flowi6_daddr))?,
+        ..PeerKey::default()
+    };
+    let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
+        return Ok(());
+    };
+    let key = RouteKey {
+        peer: *slot,
+        mark: load(flow, offset!(flowi6_mark)),
+        table: if table.is_null() { 0 } else { load(table, offset!(fib6_table_id)) },
+        _pad: 0,
+    };
+    let nexthop: *const u8 = load(result, offset!(fib6_result_nh));
+    let device: *const u8 = if nexthop.is_null() { core::ptr::null() } else { load(nexthop, offset!(fib6_nh_dev)) };
+    // IPv6 reports a miss as a nexthop-less result rather than an errno.
+    let error = if device.is_null() { -11 } else { 0 };
+    record_route(&key, device, error)
+}
+
+#[inline(always)]
+fn record_route(key: &RouteKey, device: *const u8, error: i32) -> Result<(), ()> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(stats) = ROUTES.get_ptr_mut(key) {
+        unsafe {
+            (*stats).lookups += 1;
+            (*stats).last_seen_ns = now;
+        }
+        return Ok(());
+    }
+    let result_ifindex: u32 = if device.is_null() { 0 } else { load(device, offset!(net_device_ifindex)) };
+    let stats = RouteStats { lookups: 1, last_seen_ns: now, result_ifindex, error };
+    if ROUTES.insert(key, &stats, BPF_NOEXIST).is_err() {
+        return Ok(()); // another CPU announced it first
+    }
+    let mut event = RouteEvent {
+        kind: EVENT_NEW_ROUTE,
+        error,
+        timestamp_ns: now,
+        key: *key,
+        result_ifindex,
+        ..RouteEvent::default()
+    };
+    device_name(device, &mut event.ifname);
+    if EVENTS.output::<RouteEvent>(&event, 0).is_err() {
+        count(COUNTER_EVENTS_LOST);
+    }
+    Ok(())
+}
