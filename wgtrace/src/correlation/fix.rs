@@ -255,6 +255,7 @@ fn above(priority: Option<u32>) -> u32 {
 /// A tunnel whose manager owns its mark: a rule for that mark, placed above
 /// the rule that captures it, looking up main. The rule belongs to whoever
 /// put the capturing rule there (`outer_manager`), e.g. wg-quick's PostUp.
+#[allow(clippy::too_many_arguments)]
 pub fn manager_mark_rule(
     topology: &Topology,
     tunnel: &Tunnel,

@@ -70,8 +70,11 @@ pub struct RouteCache {
     fingerprint: u64,
     since: Instant,
     routes: RefCell<HashMap<(u64, UdpQuery), Option<RouteAnswer>>>,
-    tables: RefCell<HashMap<(u64, u8, u32), Option<Vec<TableRoute>>>>,
+    tables: RefCell<HashMap<TableKey, Option<Vec<TableRoute>>>>,
 }
+
+/// (netns, family, table).
+type TableKey = (u64, u8, u32);
 
 const MAX_AGE: Duration = Duration::from_secs(10);
 

@@ -280,3 +280,255 @@ fn lookups_are_totalled_per_mark_and_table() {
     let routes: HashMap<_, _> = [lookup(254, 0, C0, 1), lookup(MARK, 0, WG0, 1)].into_iter().collect();
     assert_eq!(lookups_by_mark_and_table(&routes), vec![(0, 254, 5), (0, MARK, 5)]);
 }
+
+// Shapes beyond the seed's: each judged from packets (`correlate`, as
+// `run`) and from the kernel's routing (`predict`, as `check`), which must
+// agree.
+
+const WG4: u32 = 6;
+const TUN0: u32 = 7;
+const TS0: u32 = 8;
+const VLAN10: u32 = 9;
+
+fn peer_of<'a>(reports: &'a [TunnelReport], interface: &str) -> &'a PeerReport {
+    &reports.iter().find(|t| t.interface == interface).unwrap().peers[0]
+}
+
+/// `run`'s verdicts when each tunnel's transport was seen leaving where the
+/// kernel routes it.
+fn seen_as_routed(topology: &Topology, kernel: &FakeKernel) -> Vec<TunnelReport> {
+    let paths: HashMap<_, _> = topology
+        .tunnels
+        .iter()
+        .map(|t| {
+            let device = t.device.as_ref().unwrap();
+            let endpoint = device.peers[0].endpoint.unwrap();
+            let query = UdpQuery {
+                destination: endpoint.ip(),
+                source_port: device.listen_port,
+                destination_port: endpoint.port(),
+                mark: device.fwmark,
+            };
+            let oif = kernel.route_get(NS, query).unwrap().oif.unwrap();
+            path(oif, t.ifindex, device.fwmark, 100)
+        })
+        .collect();
+    let seen = Observations { paths: &paths, routes: &HashMap::new(), slot: &slot_of_tunnel };
+    correlate(topology, &seen, kernel)
+}
+
+fn both(topology: &Topology, kernel: &FakeKernel) -> [Vec<TunnelReport>; 2] {
+    [seen_as_routed(topology, kernel), predict(topology, kernel)]
+}
+
+fn kinds(reports: &[TunnelReport], interface: &str) -> Vec<&'static str> {
+    reports.iter().find(|t| t.interface == interface).unwrap().findings.iter().map(|f| f.kind).collect()
+}
+
+#[test]
+fn a_tunnel_that_lost_its_own_mark_loops_into_itself() {
+    let mut topology = topology();
+    topology.tunnels[0].device.as_mut().unwrap().fwmark = 0;
+    let kernel = FakeKernel::new(&topology, &[(254, lab_table(254)), (MARK, lab_table(MARK))]);
+    for reports in both(&topology, &kernel) {
+        let wg0 = peer_of(&reports, "wg0");
+        assert_eq!(wg0.verdict, Verdict::Loop, "{wg0:#?}");
+        assert_eq!(wg0.loop_members.as_deref(), Some(&["wg0".to_owned()][..]));
+        assert!(wg0.nested_in.is_none(), "a loop is not nesting in another tunnel");
+        assert!(wg0.explanation.as_ref().unwrap().contains("lost its own mark 0xca6c"), "{wg0:#?}");
+        let fix = wg0.fix_details.as_ref().unwrap();
+        assert_eq!((fix.kind, fix.mark, fix.verified_egress_interface.as_str()), (FixKind::RestoreMark, MARK, "c0"));
+        assert_eq!(kinds(&reports, "wg0"), ["loop"]);
+        assert_eq!(reports[0].findings[0].severity, Severity::Error);
+    }
+}
+
+/// Two wg-quick full tunnels: wg4 came up second (mark = table 51821, its
+/// rules at 32762/32763 above wg0's).
+fn two_full_tunnels() -> (Topology, FakeKernel) {
+    let mut topology = topology();
+    topology.tunnels.push(tunnel("wg4", WG4, 51824, 51821, "192.0.2.201:51824", &["0.0.0.0/0"]));
+    let ns = topology.namespaces.get_mut(&NS).unwrap();
+    ns.links.push(Link { index: WG4, name: "wg4".into(), mtu: 1420, ..Link::default() });
+    ns.rules_v4.splice(1..1, [rule(32762, 254, None, false, Some(0)), rule(32763, 51821, Some(51821), true, None)]);
+    let kernel = FakeKernel::new(
+        &topology,
+        &[(254, lab_table(254)), (MARK, lab_table(MARK)), (51821, vec![route(51821, "0.0.0.0", 0, WG4)])],
+    );
+    (topology, kernel)
+}
+
+#[test]
+fn two_full_tunnels_capture_each_other_and_the_loop_names_both() {
+    let (topology, kernel) = two_full_tunnels();
+    for reports in both(&topology, &kernel) {
+        let wg0 = peer_of(&reports, "wg0");
+        let wg4 = peer_of(&reports, "wg4");
+        assert_eq!((wg0.verdict, wg4.verdict), (Verdict::Loop, Verdict::Loop), "{wg0:#?} {wg4:#?}");
+        assert_eq!(wg0.loop_members.as_deref().unwrap(), ["wg0", "wg4"]);
+        assert_eq!(wg4.loop_members.as_deref().unwrap(), ["wg4", "wg0"]);
+        assert!(wg0.explanation.as_ref().unwrap().contains("only one may own the default route"));
+        let fix = wg0.fix_details.as_ref().unwrap();
+        assert_eq!(fix.kind, FixKind::OneDefaultRoute);
+        assert_eq!(fix.commands, ["ip rule add fwmark 51820 lookup main priority 32762"]);
+        assert_eq!(fix.verified_egress_interface, "c0");
+        assert!(
+            fix.wg_quick.contains("PostUp = ip rule add fwmark 51820 lookup main priority 32762"),
+            "{}",
+            fix.wg_quick
+        );
+        assert_eq!(kinds(&reports, "wg0"), ["loop"]);
+        // wg1 rides inside the loop: nested, with a chain that ends.
+        let wg1 = peer_of(&reports, "wg1");
+        assert_eq!(wg1.verdict, Verdict::Nested);
+        assert_eq!(wg1.chain, ["wg4", "wg0"]);
+    }
+}
+
+#[test]
+fn a_wireguard_tunnel_inside_an_openvpn_style_tun_device_is_nested_and_gets_a_rule_and_table() {
+    let mut topology = topology();
+    topology.tunnels.retain(|t| t.interface == "wg1");
+    let ns = topology.namespaces.get_mut(&NS).unwrap();
+    ns.links.push(Link {
+        index: TUN0,
+        name: "tun0".into(),
+        kind: Some("tun".into()),
+        mtu: 1500,
+        hardware_type: 65534,
+        ..Link::default()
+    });
+    ns.rules_v4 = vec![rule(0, 255, None, false, None), rule(32766, 254, None, false, None)];
+    topology.tun_holders.insert((NS, "tun0".into()), (812, "openvpn".into()));
+    let mut main = lab_table(254);
+    main.push(route(254, "0.0.0.0", 1, TUN0));
+    main.push(route(254, "128.0.0.0", 1, TUN0));
+    main[0].gateway = Some("192.0.2.1".parse().unwrap());
+    let kernel = FakeKernel::new(&topology, &[(254, main)]);
+    for reports in both(&topology, &kernel) {
+        let wg1 = peer_of(&reports, "wg1");
+        assert_eq!(wg1.verdict, Verdict::Nested, "{wg1:#?}");
+        assert_eq!(wg1.nested_in.as_deref(), Some("tun0"));
+        let outer = wg1.outer.as_ref().unwrap();
+        assert_eq!((outer.kind, outer.owner.as_deref()), (OuterKind::Tun, Some("openvpn (pid 812)")));
+        assert_eq!(wg1.nesting, Some(Nesting::Accidental));
+        assert!(wg1.explanation.as_ref().unwrap().contains("`def1` routes"), "{wg1:#?}");
+        let fix = wg1.fix_details.as_ref().unwrap();
+        assert_eq!(fix.kind, FixKind::MarkAndRule);
+        assert_eq!(
+            fix.commands,
+            [
+                "wg set wg1 fwmark 51821",
+                "ip route add default via 192.0.2.1 dev c0 table 51999",
+                "ip rule add fwmark 51821 lookup 51999 priority 32765"
+            ]
+        );
+        assert_eq!(fix.verified_egress_interface, "c0");
+        assert_eq!(kinds(&reports, "wg1"), ["nested"]);
+    }
+}
+
+#[test]
+fn a_manager_owned_mark_gets_a_rule_above_the_capturing_one_not_a_new_mark() {
+    let mut topology = topology();
+    topology.tunnels.retain(|t| t.interface == "wg0");
+    topology.tunnels.push(tunnel("ts0", TS0, 41641, 0x80000, "192.0.2.202:41641", &["100.64.0.0/10"]));
+    let ns = topology.namespaces.get_mut(&NS).unwrap();
+    ns.links.push(Link { index: TS0, name: "ts0".into(), mtu: 1280, ..Link::default() });
+    let tailscale =
+        |priority, table| Rule { fwmask: Some(0xff0000), ..rule(priority, table, Some(0x80000), false, None) };
+    ns.rules_v4 = vec![
+        rule(0, 255, None, false, None),
+        rule(5208, MARK, Some(MARK), true, None),
+        rule(5209, 254, None, false, Some(0)),
+        tailscale(5210, 254),
+        tailscale(5230, 253),
+        rule(5270, 52, None, false, None),
+        rule(32766, 254, None, false, None),
+    ];
+    let kernel = FakeKernel::new(&topology, &[(254, lab_table(254)), (MARK, lab_table(MARK))]);
+    for reports in both(&topology, &kernel) {
+        let ts0 = peer_of(&reports, "ts0");
+        assert_eq!(reports.iter().find(|t| t.interface == "ts0").unwrap().manager, Some(Manager::Tailscale));
+        assert_eq!((ts0.verdict, ts0.nested_in.as_deref()), (Verdict::Nested, Some("wg0")), "{ts0:#?}");
+        let fix = ts0.fix_details.as_ref().unwrap();
+        assert_eq!(fix.kind, FixKind::Rule, "{fix:#?}");
+        assert_eq!(fix.commands, ["ip rule add fwmark 0x80000/0xff0000 lookup main priority 5207"]);
+        assert!(fix.how.contains("bring wg0 up before ts0"), "{}", fix.how);
+        assert!(!ts0.fix.as_ref().unwrap().contains("FwMark"), "no new mark for a manager that owns it");
+        assert!(ts0.explanation.as_ref().unwrap().contains("belongs to Tailscale"));
+        assert_eq!(peer_of(&reports, "wg0").verdict, Verdict::Direct);
+    }
+}
+
+#[test]
+fn an_inner_mtu_that_does_not_fit_is_a_finding_with_the_mtu_that_fits() {
+    let topology = topology();
+    for reports in both(&topology, &lab_routing()) {
+        let wg1 = reports.iter().find(|t| t.interface == "wg1").unwrap();
+        let mtu = wg1.findings.iter().find(|f| f.kind == "mtu").expect("an mtu finding");
+        assert!(mtu.message.contains("1480-byte") && mtu.message.contains("Set MTU = 1360 on wg1"), "{}", mtu.message);
+        assert_eq!(kinds(&reports, "wg1"), ["nested", "mtu"]);
+    }
+    let mut fits = topology.clone();
+    fits.namespaces.get_mut(&NS).unwrap().links.iter_mut().find(|l| l.index == WG1).unwrap().mtu = 1360;
+    let reports = predict(&fits, &lab_routing());
+    assert_eq!(kinds(&reports, "wg1"), ["nested"], "1360 + 60 fits 1420");
+}
+
+#[test]
+fn stacked_underlay_devices_do_not_change_the_verdict() {
+    // wg1 fixed (mark 51820) leaving through vlan10 on c0: packets are seen
+    // on both; the verdict names vlan10 and stays direct.
+    let mut topology = topology();
+    topology.tunnels[1].device.as_mut().unwrap().fwmark = MARK;
+    let ns = topology.namespaces.get_mut(&NS).unwrap();
+    ns.links.push(Link {
+        index: VLAN10,
+        name: "vlan10".into(),
+        kind: Some("vlan".into()),
+        parent: Some(C0),
+        ..Link::default()
+    });
+    let paths: HashMap<_, _> = [path(VLAN10, WG1, MARK, 100), path(C0, WG1, MARK, 101)].into_iter().collect();
+    let seen = Observations { paths: &paths, routes: &HashMap::new(), slot: &slot_of_tunnel };
+    let reports = correlate(&topology, &seen, &lab_routing());
+    let wg1 = peer_of(&reports, "wg1");
+    assert_eq!(wg1.verdict, Verdict::Direct);
+    assert_eq!(wg1.transport.as_ref().unwrap().egress_interface, "vlan10");
+    // A bond port is shown as its bond.
+    let ns = topology.namespaces.get_mut(&NS).unwrap();
+    ns.links.iter_mut().find(|l| l.index == C0).unwrap().master = Some(VLAN10);
+    let paths: HashMap<_, _> = [path(C0, WG1, MARK, 100)].into_iter().collect();
+    let seen = Observations { paths: &paths, routes: &HashMap::new(), slot: &slot_of_tunnel };
+    let reports = correlate(&topology, &seen, &lab_routing());
+    assert_eq!(peer_of(&reports, "wg1").transport.as_ref().unwrap().egress_interface, "vlan10");
+}
+
+#[test]
+fn the_route_cache_asks_once_per_fingerprint() {
+    use std::cell::Cell;
+    struct Counting<'a>(FakeKernel, &'a Cell<u32>);
+    impl RouteOracle for Counting<'_> {
+        fn route_get(&self, netns: u64, query: UdpQuery) -> Result<RouteAnswer> {
+            self.1.set(self.1.get() + 1);
+            self.0.route_get(netns, query)
+        }
+        fn table_routes(&self, netns: u64, family: u8, table: u32) -> Result<Vec<TableRoute>> {
+            self.1.set(self.1.get() + 1);
+            self.0.table_routes(netns, family, table)
+        }
+    }
+    let topology = topology();
+    let asked = Cell::new(0);
+    let kernel = Counting(lab_routing(), &asked);
+    let mut cache = RouteCache::default();
+    cache.refresh(&topology);
+    let cached = Cached { cache: &cache, inner: &kernel };
+    let first = predict(&topology, &cached);
+    let after_first = asked.get();
+    let second = predict(&topology, &cached);
+    assert!(after_first > 0);
+    assert_eq!(asked.get(), after_first, "the second report asked the kernel nothing");
+    assert_eq!(peer_of(&first, "wg1").fix, peer_of(&second, "wg1").fix);
+}
