@@ -201,7 +201,7 @@ fn a_manager_owned_mark_captured_by_a_later_wg_quick_gets_a_rule_fix() {
     assert_eq!(checked["fix_details"]["kind"], "rule");
     assert_eq!(
         checked["fix_details"]["commands"],
-        serde_json::json!(["ip rule add fwmark 0x80000/0xff0000 lookup main priority 5207"])
+        serde_json::json!(["ip rule add fwmark 0x80000/0xff0000 lookup main priority 5208"])
     );
     assert!(!checked["fix"].as_str().unwrap().contains("FwMark"), "never a new mark: {checked:#}");
 

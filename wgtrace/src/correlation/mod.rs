@@ -334,6 +334,7 @@ fn predicted_path(
             received_bytes: None,
         },
         rule_priority: rule.map(|r| r.priority),
+        routed_ifindex: Some(oif),
     }
 }
 
@@ -384,6 +385,7 @@ fn observed_path(
     let (received_packets, received_bytes) = received_by_device.into_values().max().unwrap_or_default();
     let Some(query) = query_for(tunnel, endpoint, current.mark) else { return PathFacts::None };
     let kernel_answer = oracle.route_get(tunnel.netns, query).ok();
+    let routed_ifindex = kernel_answer.as_ref().and_then(|a| a.oif);
     let route_table = observed_table(seen.routes, slot, current).or(kernel_answer.as_ref().and_then(|a| a.table));
     let rule = route_table.and_then(|table| {
         deciding_rule_in(
@@ -410,6 +412,7 @@ fn observed_path(
             received_bytes: Some(received_bytes),
         },
         rule_priority: rule.map(|r| r.priority),
+        routed_ifindex,
     }
 }
 

@@ -439,8 +439,8 @@ fn a_manager_owned_mark_gets_a_rule_above_the_capturing_one_not_a_new_mark() {
         |priority, table| Rule { fwmask: Some(0xff0000), ..rule(priority, table, Some(0x80000), false, None) };
     ns.rules_v4 = vec![
         rule(0, 255, None, false, None),
-        rule(5208, MARK, Some(MARK), true, None),
-        rule(5209, 254, None, false, Some(0)),
+        rule(5208, 254, None, false, Some(0)),
+        rule(5209, MARK, Some(MARK), true, None),
         tailscale(5210, 254),
         tailscale(5230, 253),
         rule(5270, 52, None, false, None),
@@ -453,7 +453,7 @@ fn a_manager_owned_mark_gets_a_rule_above_the_capturing_one_not_a_new_mark() {
         assert_eq!((ts0.verdict, ts0.nested_in.as_deref()), (Verdict::Nested, Some("wg0")), "{ts0:#?}");
         let fix = ts0.fix_details.as_ref().unwrap();
         assert_eq!(fix.kind, FixKind::Rule, "{fix:#?}");
-        assert_eq!(fix.commands, ["ip rule add fwmark 0x80000/0xff0000 lookup main priority 5207"]);
+        assert_eq!(fix.commands, ["ip rule add fwmark 0x80000/0xff0000 lookup main priority 5208"]);
         assert!(fix.how.contains("bring wg0 up before ts0"), "{}", fix.how);
         assert!(!ts0.fix.as_ref().unwrap().contains("FwMark"), "no new mark for a manager that owns it");
         assert!(ts0.explanation.as_ref().unwrap().contains("belongs to Tailscale"));

@@ -76,6 +76,10 @@ pub enum PathFacts {
         egress_ifindex: u32,
         transport: Transport,
         rule_priority: Option<u32>,
+        /// Where the kernel routes this flow now (RTM_GETROUTE), which can
+        /// differ from where packets were seen: wireguard-go keeps sending
+        /// from the source (and device) it last received on.
+        routed_ifindex: Option<u32>,
     },
 }
 
@@ -104,7 +108,7 @@ pub fn judge(
 ) -> PeerReport {
     let mut report = empty_peer_report(peer);
     let name = &tunnel.interface;
-    let (query, egress_ifindex, transport, rule_priority) = match facts {
+    let (query, egress_ifindex, transport, rule_priority, routed_ifindex) = match facts {
         PathFacts::None => return report,
         PathFacts::Unroutable { query, error } => {
             report.verdict = Verdict::Unroutable;
@@ -115,8 +119,8 @@ pub fn judge(
             ));
             return report;
         }
-        PathFacts::Path { query, egress_ifindex, transport, rule_priority } => {
-            (query, egress_ifindex, transport, rule_priority)
+        PathFacts::Path { query, egress_ifindex, transport, rule_priority, routed_ifindex } => {
+            (query, egress_ifindex, transport, rule_priority, routed_ifindex)
         }
     };
     let via = match (transport.route_table, &transport.rule) {
@@ -149,6 +153,16 @@ pub fn judge(
         Egress::Tunnel(outer) => Some((outer, None)),
         Egress::Underlay => {
             report.verdict = Verdict::Direct;
+            if let Some(routed) = routed_ifindex.filter(|oif| path::is_tunnel(topology, tunnel.netns, *oif)) {
+                // Packets say direct; routing says otherwise. Both are true
+                // for now: say so, so `check`'s different answer is explained.
+                report.explanation = Some(format!(
+                    "{name}'s transport to {shown_endpoint} still leaves directly, but routing now sends it into {}: \
+                     {name} keeps the source it last used (wireguard-go does) until its endpoint is set again or \
+                     roams, and then follows the route (`wgtrace check` judges that route)",
+                    crate::correlation::interface_name(topology, tunnel.netns, routed)
+                ));
+            }
             return report;
         }
     };

@@ -65,7 +65,8 @@ pub fn join_latency(reports: &mut [TunnelReport], tracker: &LatencyTracker) {
 }
 
 /// `--probe`: measures both paths to each accidentally nested peer's
-/// endpoint and replaces the estimate with the measured difference.
+/// endpoint (when its fix is a mark: the direct path is the packet with
+/// that mark) and replaces the estimate with the measured difference.
 pub fn probe_nested(reports: &mut [TunnelReport], topology: &Topology) {
     for tunnel in reports.iter_mut() {
         let Some(handle) = topology.namespaces.get(&tunnel.netns_inode).map(|n| n.handle.clone()) else { continue };
@@ -75,6 +76,12 @@ pub fn probe_nested(reports: &mut [TunnelReport], topology: &Topology) {
             else {
                 continue;
             };
+            // Only a mark some existing rule honours changes the path by
+            // itself; a fix that needs a new rule cannot be measured before
+            // the rule exists.
+            if fix.kind != crate::correlation::FixKind::Mark {
+                continue;
+            }
             let measure = |mark| match probe::echo_rtt(&handle, endpoint.ip(), mark, 5) {
                 Ok(rtt) => rtt,
                 Err(err) => {

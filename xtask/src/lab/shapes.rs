@@ -11,8 +11,11 @@
 //!   `def1` routes captures wg1's transport.
 //! * `manager-mark`: wg1 stands for Tailscale (mark 0x80000, rules
 //!   5210-5270 for 0x80000/0xff0000, table 52) and wg0's wg-quick rules
-//!   landed above them at 5208/5209, as when wg-quick starts second.
-//! * `mtu`: the seed's wg1 (MTU 1420) inside wg0 (MTU 1420).
+//!   landed above them, as when wg-quick starts second: each new rule gets
+//!   the priority below the first, so `not fwmark` at 5209 and
+//!   `suppress_prefixlength 0` at 5208.
+//! * `mtu`: the seed's wg1 inside wg0, both MTU 1420 (as when wg1 comes up
+//!   first).
 //! * `bridge`: the client's underlay is a bridge br0 over c0; wg1 fixed.
 
 use std::{path::Path, process::Stdio, time::Duration};
@@ -87,7 +90,10 @@ impl Shape {
                 let mut state = load_state()?;
                 bring_up_tunnel(&WG4, &LabOptions { delay_ms: 0, ..LabOptions::default() }, &mut state)?;
                 find_daemons(&mut state)?;
-                save_state(&state)
+                save_state(&state)?;
+                // wireguard-go pinned wg0's source (and device) while its
+                // transport still left directly; set anew, it follows routing.
+                reset_endpoint("wg0")
             }
             Self::TunDef1 => tun_def1(),
             Self::ManagerMark => {
@@ -99,12 +105,14 @@ impl Shape {
                      ip rule add fwmark 0x80000/0xff0000 unreachable pref 5250; \
                      ip rule add lookup 52 pref 5270; \
                      ip rule del not fwmark 51820 table 51820; ip rule del table main suppress_prefixlength 0; \
-                     ip rule add not fwmark 51820 table 51820 pref 5208; \
-                     ip rule add table main suppress_prefixlength 0 pref 5209",
+                     ip rule add not fwmark 51820 table 51820 pref 5209; \
+                     ip rule add table main suppress_prefixlength 0 pref 5208",
                 )?;
                 reset_endpoint("wg1")
             }
-            Self::Mtu => Ok(()),
+            // wg-quick picks 1420 for a tunnel brought up before the full
+            // tunnel (its endpoint then routes via the 1500-byte underlay).
+            Self::Mtu => ns(CLIENT, "ip link set wg1 mtu 1420").map(drop),
             Self::Bridge => {
                 ns(
                     CLIENT,
