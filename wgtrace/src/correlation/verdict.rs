@@ -216,6 +216,17 @@ pub fn judge(
                 .max()
                 .unwrap_or(0);
             let outer_mark = outer_tunnel.device.as_ref().map(|d| d.fwmark).unwrap_or(0);
+            let bypass = if outer_mark != 0 {
+                format!("{outer_name} marks its own transport {outer_mark:#x} to bypass that route; {name} does not.")
+            } else {
+                format!(
+                    "{outer_name} itself carries no mark now, so its own transport loops too (see {outer_name}); \
+                     the rules exempt {} from its table.",
+                    lost_own_mark(topology, outer_tunnel, query)
+                        .map(|m| format!("mark {m:#x}"))
+                        .unwrap_or("no mark".into())
+                )
+            };
             let outer_manager = manager::recognise(topology, outer_tunnel)
                 .map(|m| format!(" ({} manages it)", m.as_str()))
                 .unwrap_or_default();
@@ -233,8 +244,7 @@ pub fn judge(
                     format!(
                         "{name}'s encrypted packets to {shown_endpoint} carry mark {mark:#x}; {via}which routes them into \
                          {outer_name}: {name} is nested inside {outer_name} (double encapsulation), captured by \
-                         {outer_name}'s full-tunnel default route{outer_manager}. {outer_name} marks its own transport \
-                         {outer_mark:#x} to bypass that route; {name} does not.",
+                         {outer_name}'s full-tunnel default route{outer_manager}. {bypass}",
                         mark = query.mark,
                     ),
                 )
@@ -440,10 +450,14 @@ fn mutual_loop(
     });
     let cycle = members.iter().chain(std::iter::once(name)).cloned().collect::<Vec<_>>().join(" → ");
     peer.verdict = Verdict::Loop;
+    let back = if chain.len() > 1 {
+        format!("{outer}'s (through {}) by {name}", chain[1..].join(", "))
+    } else {
+        format!("{outer}'s by {name}")
+    };
     peer.explanation = Some(format!(
-        "{name}'s transport is captured by {outer}, and {outer}'s (through {}) by {name}: the transports of {} \
-         capture each other, a routing loop ({cycle}).{}",
-        if chain.len() > 1 { chain[1..].join(", ") } else { outer.clone() },
+        "{name}'s transport is captured by {outer}, and {back}: the transports of {} capture each other, a routing \
+         loop ({cycle}).{}",
         members.join(" and "),
         if full_tunnels { " Each is a full tunnel; only one may own the default route." } else { "" }
     ));

@@ -156,7 +156,7 @@ fn render_verdict(out: &mut String, interface: &str, peer: &PeerReport, duration
             cycle.extend(members.first().cloned());
             let rate = match peer.transport.as_ref().and_then(|t| t.packets) {
                 Some(packets) if duration_seconds > 0.0 => format!(
-                    ": {packets} transport packets in {duration_seconds:.1} s ({:.0}/s)",
+                    ": {packets} transport packets in {duration_seconds:.1} s ({:.1}/s)",
                     packets as f64 / duration_seconds
                 ),
                 _ => String::new(),
