@@ -95,7 +95,7 @@ fn a_config_that_would_be_captured_is_flagged_before_it_is_up() {
         .unwrap();
     let (code, report, _) = check(&["--config", config.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(has_finding(&report, "routing_loop", "error"), "{report:#}");
+    assert!(has_finding(&report, "loop", "error"), "{report:#}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -120,7 +120,7 @@ fn routing_loops_and_mark_collisions_on_live_tunnels() {
     ip("rule add fwmark 0x8ca6c lookup 100 pref 6000");
     let (code, report, _) = check(&[]);
     assert_eq!(code, 1);
-    assert!(has_finding(&report, "routing_loop", "error"), "{report:#}");
+    assert!(has_finding(&report, "loop", "error"), "{report:#}");
     let overlap = report["findings"].as_array().unwrap().iter().find(|f| f["kind"] == "mark_overlap").unwrap();
     assert!(overlap["message"].as_str().unwrap().contains("Tailscale"), "{overlap:#}");
 }

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 
+use serde_json::Value;
 use wgtrace_tests::{LabGuard, Traffic, client_peer, client_tunnel, lab, privileged_or_skip, trace_json};
 
 #[test]
@@ -38,6 +39,20 @@ fn broken_lab_shows_wg1_nested_in_wg0_and_the_fix_moves_it_out() {
         let wg1 = client_peer(&report, "wg1");
         assert_eq!(wg1["nested_in"], "wg0", "{report:#}");
         assert_eq!(wg1["nesting"], "accidental");
+        assert_eq!(wg1["verdict"], "nested");
+        assert_eq!(
+            (wg1["outer"]["interface"].as_str(), wg1["outer"]["kind"].as_str()),
+            (Some("wg0"), Some("wireguard"))
+        );
+        assert!(wg1["loop"].is_null());
+        assert_eq!(wg1["fix_details"]["kind"], "mark");
+        if client_tunnel(&report, "wg1")["implementation"] == "userspace" {
+            // The lab bind-mounts its configs over the daemon's /etc/wireguard.
+            assert_eq!(client_tunnel(&report, "wg1")["manager"], "wg-quick");
+        }
+        let kinds: Vec<&Value> =
+            client_tunnel(&report, "wg1")["findings"].as_array().unwrap().iter().map(|f| &f["kind"]).collect();
+        assert!(kinds.contains(&&Value::from("nested")), "run reports check's findings too: {kinds:?}");
         assert_eq!(wg1["transport"]["egress_interface"], "wg0");
         assert_eq!(wg1["transport"]["mark"], 0);
         assert_eq!(wg1["transport"]["route_table"], 51820);
@@ -48,6 +63,7 @@ fn broken_lab_shows_wg1_nested_in_wg0_and_the_fix_moves_it_out() {
         assert_eq!(wg1["fix_details"]["verified_egress_interface"], "c0");
         let wg0 = client_peer(&report, "wg0");
         assert!(wg0["nested_in"].is_null(), "wg0 is not nested: {wg0:#}");
+        assert_eq!(wg0["verdict"], "direct");
         assert_eq!(wg0["transport"]["egress_interface"], "c0");
         assert_eq!(client_tunnel(&report, "wg0")["fwmark"], 51820);
         assert_eq!(report["events_lost"], 0);
@@ -57,6 +73,7 @@ fn broken_lab_shows_wg1_nested_in_wg0_and_the_fix_moves_it_out() {
     let report = trace_json(3.0, &[]).unwrap();
     let wg1 = client_peer(&report, "wg1");
     assert!(wg1["nested_in"].is_null(), "fixed wg1 is direct: {wg1:#}");
+    assert_eq!(wg1["verdict"], "direct");
     assert!(wg1["fix"].is_null());
     assert_eq!(wg1["transport"]["egress_interface"], "c0");
     assert_eq!(wg1["transport"]["mark"], 51820);

@@ -8,14 +8,12 @@ use std::{fmt::Write as _, io::IsTerminal as _, path::PathBuf};
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
+pub use crate::correlation::{Finding, Severity};
 use crate::{
-    correlation::{
-        self, Nesting, PeerReport, RouteOracle, Transport, TunnelReport, deciding_rule_in, empty_peer_report,
-        interface_name, judge_path,
-    },
+    correlation::{self, TunnelReport},
     topology::{
         Implementation, Scope, Topology, Tunnel,
-        netlink::{FR_ACT_TO_TBL, Rule, UdpQuery, table_name},
+        netlink::{FR_ACT_TO_TBL, Rule, table_name},
         wgquick,
     },
 };
@@ -25,25 +23,6 @@ pub struct CheckOptions {
     pub json: bool,
     /// A wg-quick config to judge before it is brought up.
     pub config: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Severity {
-    Info,
-    Warning,
-    Error,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Finding {
-    pub severity: Severity,
-    /// `nested`, `routing_loop`, `no_route`, `no_bypass_mark`, `mark_overlap`, `unreadable`,
-    /// `unknown_key` (a misspelt or misplaced key in a `--config` file).
-    pub kind: &'static str,
-    pub netns: String,
-    pub interface: Option<String>,
-    pub message: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -110,37 +89,24 @@ pub fn check(options: &CheckOptions) -> Result<CheckReport> {
             message: format!("{message}: wg-quick would refuse this file"),
         })
         .collect();
-    let mut tunnels = Vec::new();
-    for tunnel in &topology.tunnels {
-        let Some(device) = &tunnel.device else {
-            findings.push(Finding {
-                severity: Severity::Warning,
-                kind: "unreadable",
-                netns: tunnel.netns_label.clone(),
-                interface: Some(tunnel.interface.clone()),
-                message: format!(
-                    "{}'s configuration could not be read ({} WireGuard); run as root to include it",
-                    tunnel.interface,
-                    tunnel.implementation.as_str()
-                ),
-            });
-            continue;
-        };
-        let peers = device.peers.iter().map(|peer| check_peer(&topology, tunnel, peer, &mut findings)).collect();
-        tunnels.push(TunnelReport {
-            interface: tunnel.interface.clone(),
+    for tunnel in topology.tunnels.iter().filter(|t| t.device.is_none()) {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            kind: "unreadable",
             netns: tunnel.netns_label.clone(),
-            netns_inode: tunnel.netns,
-            ifindex: tunnel.ifindex,
-            implementation: tunnel.implementation.clone(),
-            discovered_by: tunnel.discovered_by,
-            process: tunnel.process.clone(),
-            fwmark: Some(device.fwmark),
-            listen_port: Some(device.listen_port),
-            peers,
+            interface: Some(tunnel.interface.clone()),
+            message: format!(
+                "{}'s configuration could not be read ({} WireGuard); run as root to include it",
+                tunnel.interface,
+                tunnel.implementation.as_str()
+            ),
         });
     }
-    correlation::fill_chains(&mut tunnels);
+    // The same judge, loops, fixes and findings as `run`, from the
+    // kernel's routing instead of packets.
+    let cache = correlation::RouteCache::default();
+    let tunnels = correlation::predict(&topology, &cache.oracle(&topology));
+    findings.extend(tunnels.iter().flat_map(|t| t.findings.iter().cloned()));
     for namespace in topology.namespaces.values() {
         for rules in [&namespace.rules_v4, &namespace.rules_v6] {
             findings.extend(mark_overlaps(rules).into_iter().map(|message| Finding {
@@ -160,112 +126,6 @@ pub fn check(options: &CheckOptions) -> Result<CheckReport> {
     }
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     Ok(CheckReport { tunnels, findings, privilege_notes, complete })
-}
-
-fn check_peer(
-    topology: &Topology,
-    tunnel: &Tunnel,
-    peer: &crate::topology::Peer,
-    findings: &mut Vec<Finding>,
-) -> PeerReport {
-    let mut report = empty_peer_report(peer);
-    let (Some(device), Some(endpoint)) = (&tunnel.device, peer.endpoint) else { return report };
-    let finding = |severity, kind, message| Finding {
-        severity,
-        kind,
-        netns: tunnel.netns_label.clone(),
-        interface: Some(tunnel.interface.clone()),
-        message,
-    };
-    let query = UdpQuery {
-        destination: endpoint.ip(),
-        source_port: device.listen_port,
-        destination_port: endpoint.port(),
-        mark: device.fwmark,
-    };
-    let answer = match topology.route_get(tunnel.netns, query) {
-        Ok(answer) => answer,
-        Err(err) => {
-            findings.push(finding(
-                Severity::Error,
-                "no_route",
-                format!(
-                    "{}'s endpoint {} is unreachable with mark {:#x}: {err:#}",
-                    tunnel.interface,
-                    crate::redact::endpoint(endpoint),
-                    query.mark
-                ),
-            ));
-            return report;
-        }
-    };
-    let Some(oif) = answer.oif else { return report };
-    let predicted_loop = tunnel.ifindex == 0 && would_route_own_endpoint(device, endpoint.ip());
-    let rule = answer.table.and_then(|table| {
-        deciding_rule_in(topology, tunnel.netns, query.mark, endpoint.ip(), table, Some(answer.prefix_len))
-    });
-    report.transport = Some(Transport {
-        egress_interface: interface_name(topology, tunnel.netns, oif),
-        mark: query.mark,
-        route_table: answer.table,
-        rule: rule.map(Rule::describe),
-        packets: None,
-        bytes: None,
-        received_packets: None,
-        received_bytes: None,
-    });
-    if oif == tunnel.ifindex || predicted_loop {
-        findings.push(finding(
-            Severity::Error,
-            "routing_loop",
-            format!(
-                "{name}'s endpoint {endpoint} is inside {name}'s own AllowedIPs and nothing routes its transport around \
-                 it: its encrypted packets would loop into {name} itself. Give {name} a FwMark with a rule that \
-                 bypasses its table (wg-quick does this for AllowedIPs = 0.0.0.0/0), or exclude the endpoint.",
-                name = tunnel.interface
-            ),
-        ));
-        return report;
-    }
-    judge_path(topology, tunnel, query, oif, rule, topology as &dyn RouteOracle, &mut report);
-    match (report.nesting, &report.fix_details) {
-        (Some(Nesting::Accidental), Some(fix)) => findings.push(finding(
-            Severity::Warning,
-            "nested",
-            format!(
-                "{} is nested inside {}; fix: {} (verified: would leave via {})",
-                tunnel.interface,
-                report.nested_in.as_deref().unwrap_or("?"),
-                fix.wg_quick,
-                fix.verified_egress_interface
-            ),
-        )),
-        (Some(Nesting::Accidental), None) => findings.push(finding(
-            Severity::Error,
-            "no_bypass_mark",
-            format!(
-                "{} is nested inside {}, and no mark used in this namespace's rules would take its transport around it",
-                tunnel.interface,
-                report.nested_in.as_deref().unwrap_or("?")
-            ),
-        )),
-        (Some(Nesting::Deliberate), _) => {
-            findings.push(finding(Severity::Info, "nested", report.explanation.clone().unwrap_or_default()))
-        }
-        (None, _) => {}
-    }
-    report
-}
-
-/// For a config not yet up: wg-quick would route its AllowedIPs into the
-/// tunnel, so an endpoint inside a specific AllowedIP (not the /0 that
-/// wg-quick bypasses with its mark) would be sent into the tunnel itself.
-fn would_route_own_endpoint(device: &crate::topology::Device, endpoint: std::net::IpAddr) -> bool {
-    device
-        .peers
-        .iter()
-        .flat_map(|p| &p.allowed_ips)
-        .any(|(net, len)| *len > 0 && crate::topology::prefix_contains(*net, *len, endpoint))
 }
 
 /// Who usually owns a mark: a hint for mark overlap findings.
@@ -333,9 +193,10 @@ pub fn render(report: &CheckReport, colour: bool) -> String {
     let mut out = String::new();
     for tunnel in &report.tunnels {
         let mark = tunnel.fwmark.filter(|m| *m != 0).map(|m| format!("{m:#x}")).unwrap_or_else(|| "off".into());
+        let manager = tunnel.manager.map(|m| format!(", {}", m.as_str())).unwrap_or_default();
         let _ = writeln!(
             out,
-            "{} in {} (fwmark {mark}, port {})",
+            "{} in {} (fwmark {mark}, port {}{manager})",
             tunnel.interface,
             tunnel.netns,
             tunnel.listen_port.unwrap_or(0)
@@ -345,7 +206,12 @@ pub fn render(report: &CheckReport, colour: bool) -> String {
             match &peer.transport {
                 Some(t) => {
                     let table = t.route_table.map(table_name).unwrap_or_else(|| "?".into());
-                    let _ = writeln!(out, "  → {endpoint}: would leave via {} (table {table})", t.egress_interface);
+                    let _ = writeln!(
+                        out,
+                        "  → {endpoint}: would leave via {} (table {table}): {}",
+                        t.egress_interface,
+                        peer.verdict.as_str()
+                    );
                     if let Some(rule) = &t.rule {
                         let _ = writeln!(out, "    rule: {rule}");
                     }
@@ -368,7 +234,7 @@ pub fn render(report: &CheckReport, colour: bool) -> String {
         let _ = writeln!(out, "note: {note}");
     }
     match report.exit_code() {
-        0 => out.push_str("healthy: no tunnel's transport is captured by another\n"),
+        0 => out.push_str("healthy: no tunnel's transport is captured by another or loops\n"),
         2 => out.push_str("incomplete: no problems found in what could be checked (see the notes above)\n"),
         _ => {}
     }

@@ -33,10 +33,7 @@ type Snapshot = BTreeMap<(u64, String), (String, BTreeMap<String, PeerState>)>;
 fn peer_state(peer: &PeerReport) -> PeerState {
     PeerState {
         route: peer.transport.as_ref().map(|t| (t.egress_interface.clone(), t.mark, t.route_table, t.rule.clone())),
-        verdict: peer.transport.as_ref().map(|_| match &peer.nested_in {
-            Some(outer) => ("nested", Some(outer.clone())),
-            None => ("direct", None),
-        }),
+        verdict: peer.transport.as_ref().map(|_| (peer.verdict.as_str(), peer.nested_in.clone())),
         last_handshake: peer.handshake.as_ref().and_then(|h| h.last_unix_seconds),
     }
 }
@@ -288,6 +285,7 @@ mod tests {
             received_packets: Some(3),
             received_bytes: Some(300),
         });
+        peer.verdict = if nested { crate::correlation::Verdict::Nested } else { crate::correlation::Verdict::Direct };
         if nested {
             peer.nested_in = Some("wg0".into());
             peer.nesting = Some(Nesting::Accidental);
@@ -303,7 +301,10 @@ mod tests {
             process: None,
             fwmark: Some(0),
             listen_port: Some(51821),
+            manager: None,
+            mtu: None,
             peers: vec![peer],
+            findings: Vec::new(),
         };
         report_of(if with_wg1 { vec![tunnel] } else { Vec::new() })
     }

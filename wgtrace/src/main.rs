@@ -169,7 +169,7 @@ fn main() -> std::process::ExitCode {
                     probe,
                     drop_privileges,
                     prometheus,
-                            peer_names: peer_names
+                    peer_names: peer_names
                         .as_deref()
                         .map(wgtrace::names::load_names_file)
                         .transpose()?

@@ -16,7 +16,7 @@ use tokio::{
 use crate::{
     correlation::{self, Observations},
     exporter::Exporter,
-    latency::{self, LatencyTracker},
+    latency::LatencyTracker,
     probes::{Event, Tracer},
     report::{self, Report, RouteLookups},
     topology::{Discoverer, Privileged, Scope, Topology},
@@ -54,6 +54,8 @@ struct Session {
     discovered: Topology,
     /// Candidate speakers and what their handshakes showed.
     speakers: crate::topology::speakers::Speakers,
+    /// RTM_GETROUTE answers, kept while the topology's fingerprint holds.
+    routes: correlation::RouteCache,
     started: Instant,
     names: crate::names::PeerNames,
     handshake_timeout: Duration,
@@ -170,8 +172,9 @@ impl Session {
             self.tracer.peer_slot(&crate::probes::peers::PeerId { netns, ifindex, public_key: public_key.to_owned() })
         };
         let seen = Observations { paths: &paths, routes: &routes, slot: &slot };
-        let mut tunnels = correlation::correlate(&self.topology, &seen, &self.topology);
-        latency::annotate(&mut tunnels, &self.latency);
+        self.routes.refresh(&self.topology);
+        let mut tunnels = correlation::correlate(&self.topology, &seen, &self.routes.oracle(&self.topology));
+        crate::report::join_latency(&mut tunnels, &self.latency);
         self.names.annotate(&mut tunnels, &self.topology);
         crate::handshake::annotate(&mut tunnels, &self.topology, self.handshake_timeout);
         let route_lookups = correlation::lookups_by_mark_and_table(&routes)
@@ -235,6 +238,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         topology: Topology::default(),
         discovered: Topology::default(),
         speakers: Default::default(),
+        routes: correlation::RouteCache::default(),
         started,
         names: crate::names::PeerNames::new(options.peer_names),
         handshake_timeout: options.handshake_timeout,
@@ -329,7 +333,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let mut report = session.report()?;
     if options.probe {
-        latency::probe_nested(&mut report.tunnels, &session.topology);
+        crate::report::probe_nested(&mut report.tunnels, &session.topology);
     }
     if let Some(events) = &mut session.events {
         // A stream: its last line, and no report after it.

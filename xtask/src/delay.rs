@@ -28,13 +28,9 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Enters `netns_path`, creates TUN device `device`, and delays forever.
-pub fn serve(netns_path: &str, device: &str, delay: Duration) -> Result<()> {
-    let netns = File::open(netns_path).with_context(|| format!("opening {netns_path}"))?;
-    // SAFETY: setns with a valid namespace fd; this process is single-threaded here.
-    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("entering {netns_path}: {}", std::io::Error::last_os_error());
-    }
+/// Creates TUN device `device` (no packet information header) in this
+/// thread's network namespace and returns its queue.
+pub fn create_tun(device: &str) -> Result<File> {
     let tun = OpenOptions::new().read(true).write(true).open("/dev/net/tun").context("opening /dev/net/tun")?;
     let mut request = IfReq { name: [0; libc::IFNAMSIZ], flags: IFF_TUN | IFF_NO_PI, _pad: [0; 22] };
     anyhow::ensure!(device.len() < libc::IFNAMSIZ, "device name too long");
@@ -43,6 +39,17 @@ pub fn serve(netns_path: &str, device: &str, delay: Duration) -> Result<()> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut request) } != 0 {
         bail!("creating TUN device {device}: {}", std::io::Error::last_os_error());
     }
+    Ok(tun)
+}
+
+/// Enters `netns_path`, creates TUN device `device`, and delays forever.
+pub fn serve(netns_path: &str, device: &str, delay: Duration) -> Result<()> {
+    let netns = File::open(netns_path).with_context(|| format!("opening {netns_path}"))?;
+    // SAFETY: setns with a valid namespace fd; this process is single-threaded here.
+    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("entering {netns_path}: {}", std::io::Error::last_os_error());
+    }
+    let tun = create_tun(device)?;
     let mut reader = tun.try_clone()?;
     let mut writer = tun;
     let (queue, due) = mpsc::channel::<(Instant, Vec<u8>)>();

@@ -130,27 +130,30 @@ pub fn load_state() -> Result<LabState> {
     Ok(serde_json::from_str(&text)?)
 }
 
-fn save_state(state: &LabState) -> Result<()> {
+pub(crate) fn save_state(state: &LabState) -> Result<()> {
     fs::write(state_path(), serde_json::to_string_pretty(state)?)?;
     Ok(())
 }
 
-fn ns(namespace: &str, script: &str) -> Result<String> {
+pub mod relay;
+pub mod shapes;
+
+pub(crate) fn ns(namespace: &str, script: &str) -> Result<String> {
     run("ip", &["netns", "exec", namespace, "sh", "-ec", script]).with_context(|| format!("in namespace {namespace}"))
 }
 
 /// One tunnel: a wg-quick interface in the client and its peer in a server namespace.
-struct TunnelSpec {
-    name: &'static str,
-    client_address: &'static str,
-    client_allowed: &'static str,
-    client_port: u16,
-    server_namespace: &'static str,
-    server_address: &'static str,
-    server_allowed: &'static str,
-    server_port: u16,
-    endpoint: &'static str,
-    server_post_up: &'static str,
+pub(crate) struct TunnelSpec {
+    pub(crate) name: &'static str,
+    pub(crate) client_address: &'static str,
+    pub(crate) client_allowed: &'static str,
+    pub(crate) client_port: u16,
+    pub(crate) server_namespace: &'static str,
+    pub(crate) server_address: &'static str,
+    pub(crate) server_allowed: &'static str,
+    pub(crate) server_port: u16,
+    pub(crate) endpoint: &'static str,
+    pub(crate) server_post_up: &'static str,
 }
 
 const WG0: TunnelSpec = TunnelSpec {
@@ -254,7 +257,7 @@ fn write_config(namespace: &str, name: &str, text: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn bring_up_tunnel(spec: &TunnelSpec, options: &LabOptions, state: &mut LabState) -> Result<()> {
+pub(crate) fn bring_up_tunnel(spec: &TunnelSpec, options: &LabOptions, state: &mut LabState) -> Result<()> {
     let (client_private, client_public) = genkey()?;
     let (server_private, server_public) = genkey()?;
     let server_post_up =
@@ -294,7 +297,7 @@ fn bring_up_tunnel(spec: &TunnelSpec, options: &LabOptions, state: &mut LabState
 }
 
 /// wireguard-go daemonizes; find each one among the namespace's processes.
-fn find_daemons(state: &mut LabState) -> Result<()> {
+pub(crate) fn find_daemons(state: &mut LabState) -> Result<()> {
     for namespace in NAMESPACES {
         for pid in run("ip", &["netns", "pids", namespace])?.split_whitespace() {
             let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { continue };
@@ -447,7 +450,7 @@ fn start_delay_line(delay_ms: u64, state: &mut LabState) -> Result<()> {
 /// The xtask binary, which runs the delay line. Code that uses the lab from
 /// another binary (the integration tests) names it in WGTRACE_LAB_HELPER,
 /// as `cargo xtask test` does.
-fn helper_binary() -> Result<PathBuf> {
+pub(crate) fn helper_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("WGTRACE_LAB_HELPER") {
         return Ok(PathBuf::from(path));
     }

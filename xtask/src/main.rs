@@ -75,6 +75,18 @@ enum Task {
         #[command(subcommand)]
         action: LabAction,
     },
+    /// (internal) A lab VPN relay (TUN ↔ UDP); started by `lab shape tun-def1`.
+    #[command(hide = true)]
+    TunRelay {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        device: String,
+        #[arg(long)]
+        bind: std::net::SocketAddr,
+        #[arg(long)]
+        peer: Option<std::net::SocketAddr>,
+    },
     /// (internal) The lab's delay line; started by `lab up`.
     #[command(hide = true)]
     DelayLine {
@@ -138,6 +150,13 @@ enum LabAction {
     Status,
     /// Ping over wg1 from the client and print the median RTT.
     Ping,
+    /// Build the lab in one of the capture shapes (self-loop, mutual-loop,
+    /// tun-def1, manager-mark, mtu, bridge; see xtask/src/lab/shapes.rs),
+    /// e.g. `cargo xtask lab shape mutual-loop`, then `wgtrace check`.
+    Shape {
+        #[arg(value_enum)]
+        shape: lab::shapes::Shape,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -276,6 +295,7 @@ fn main() -> Result<()> {
         Task::Fuzz { seconds } => xtask::fuzz::run(&workspace_root(), seconds),
         Task::Bench { smoke, rounds, output } => xtask::bench::main(&xtask::bench::Options { smoke, rounds, output }),
         Task::Lab { action } => lab_command(action),
+        Task::TunRelay { netns, device, bind, peer } => lab::relay::serve(&netns, &device, bind, peer),
         Task::DelayLine { netns, device, delay_ms } => {
             xtask::delay::serve(&netns, &device, Duration::from_millis(delay_ms))
         }
@@ -317,6 +337,11 @@ fn lab_command(action: LabAction) -> Result<()> {
         LabAction::Unfix => lab::unfix(),
         LabAction::Status => {
             print!("{}", lab::status()?);
+            Ok(())
+        }
+        LabAction::Shape { shape } => {
+            lab::shapes::up(shape)?;
+            println!("lab: up in shape {}", shape.name());
             Ok(())
         }
         LabAction::Ping => {

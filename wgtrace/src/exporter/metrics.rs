@@ -116,7 +116,10 @@ impl Collector for Snapshot {
 #[derive(Default)]
 struct TunnelMetrics<'a> {
     /// Tunnels its peers' transports ride inside; empty when direct.
-    outer: BTreeSet<&'a str>,
+    /// (outer interface, outer kind).
+    outer: BTreeSet<(&'a str, &'static str)>,
+    /// Some peer's transport loops (into its own tunnel, or through others back).
+    looped: bool,
     /// (egress interface, mark) -> (packets, bytes).
     transport: BTreeMap<(&'a str, u32), (u64, u64)>,
     inner_rtt: Buckets,
@@ -183,8 +186,10 @@ fn groups(report: &Report, series: Series) -> BTreeMap<Group<'_>, TunnelMetrics<
                 metrics.stalest_handshake = Some(metrics.stalest_handshake.map_or(last, |s| s.min(last)));
             }
             if let Some(outer) = &peer.nested_in {
-                metrics.outer.insert(outer);
+                let kind = peer.outer.as_ref().map(|o| o.kind.as_str()).unwrap_or("wireguard");
+                metrics.outer.insert((outer, kind));
             }
+            metrics.looped |= peer.verdict == crate::correlation::Verdict::Loop;
             if let Some(transport) = &peer.transport {
                 let counts =
                     metrics.transport.entry((transport.egress_interface.as_str(), transport.mark)).or_default();
@@ -287,17 +292,29 @@ fn write_families(report: &Report, series: Series, encoder: &mut DescriptorEncod
 
     let mut family = encoder.encode_descriptor(
         "wgtrace_tunnel_nested",
-        "1 when the tunnel's encrypted transport rides inside another tunnel (outer_interface), else 0.",
+        "1 when the tunnel's encrypted transport rides inside another tunnel (outer_interface, of kind outer_kind: \
+         wireguard, tun, tap, ipip, gre, sit, vxlan, geneve, xfrm, other), else 0.",
         None,
         MetricType::Gauge,
     )?;
     for (group, metrics) in &groups {
-        let outer: Vec<&str> =
-            if metrics.outer.is_empty() { vec![""] } else { metrics.outer.iter().copied().collect() };
-        for outer_interface in outer {
-            let labels = labels(group, &[("outer_interface", outer_interface)]);
+        let outer: Vec<(&str, &str)> =
+            if metrics.outer.is_empty() { vec![("", "")] } else { metrics.outer.iter().copied().collect() };
+        for (outer_interface, outer_kind) in outer {
+            let labels = labels(group, &[("outer_interface", outer_interface), ("outer_kind", outer_kind)]);
             ConstGauge::new(i64::from(!outer_interface.is_empty())).encode(family.encode_family(&labels)?)?;
         }
+    }
+
+    let mut family = encoder.encode_descriptor(
+        "wgtrace_tunnel_loop",
+        "1 when the tunnel's encrypted transport comes back into the tunnel itself, directly or through others \
+         (a routing loop), else 0.",
+        None,
+        MetricType::Gauge,
+    )?;
+    for (group, metrics) in &groups {
+        ConstGauge::new(i64::from(metrics.looped)).encode(family.encode_family(&labels(group, &[]))?)?;
     }
 
     for (name, help, packets) in [
@@ -379,9 +396,21 @@ pub(crate) mod tests {
                 received_packets: Some(packets),
                 received_bytes: Some(packets * 100),
             }),
+            verdict: if nested_in.is_some() {
+                crate::correlation::Verdict::Nested
+            } else {
+                crate::correlation::Verdict::Direct
+            },
+            outer: nested_in.map(|name| crate::correlation::Outer {
+                interface: name.into(),
+                kind: crate::correlation::OuterKind::Wireguard,
+                owner: None,
+                ifindex: 3,
+            }),
             nested_in: nested_in.map(Into::into),
             nesting: nested_in.map(|_| Nesting::Accidental),
             chain: nested_in.iter().map(|s| s.to_string()).collect(),
+            loop_members: None,
             fix: None,
             fix_details: None,
             explanation: None,
@@ -408,7 +437,10 @@ pub(crate) mod tests {
             process: None,
             fwmark: Some(0),
             listen_port: Some(51821),
+            manager: None,
+            mtu: None,
             peers,
+            findings: Vec::new(),
         }
     }
 
@@ -482,11 +514,17 @@ pub(crate) mod tests {
         assert!(text.ends_with("# EOF\n"), "{text}");
         assert!(text.contains("# TYPE wgtrace_tunnel_nested gauge\n"), "{text}");
         assert_eq!(
-            sample(&text, r#"wgtrace_tunnel_nested{netns="wgtlab-client",interface="wg1",outer_interface="wg0"}"#),
+            sample(
+                &text,
+                r#"wgtrace_tunnel_nested{netns="wgtlab-client",interface="wg1",outer_interface="wg0",outer_kind="wireguard"}"#
+            ),
             "1"
         );
         assert_eq!(
-            sample(&text, r#"wgtrace_tunnel_nested{netns="wgtlab-client",interface="wg0",outer_interface=""}"#),
+            sample(
+                &text,
+                r#"wgtrace_tunnel_nested{netns="wgtlab-client",interface="wg0",outer_interface="",outer_kind=""}"#
+            ),
             "0"
         );
         assert!(text.contains("# TYPE wgtrace_transport_packets counter\n"), "{text}");
@@ -542,7 +580,10 @@ pub(crate) mod tests {
         assert!(text.contains("# TYPE wgtrace_build_info gauge\n"), "{text}");
         assert!(text.contains("# TYPE wgtrace_inner_rtt_seconds histogram\n"), "{text}");
         assert_eq!(
-            sample(&text, r#"wgtrace_tunnel_nested{netns="wgtlab-client",interface="wg1",outer_interface="wg0"}"#),
+            sample(
+                &text,
+                r#"wgtrace_tunnel_nested{netns="wgtlab-client",interface="wg1",outer_interface="wg0",outer_kind="wireguard"}"#
+            ),
             "1"
         );
         let labels = r#"netns="wgtlab-client",interface="wg1""#;
@@ -575,7 +616,9 @@ pub(crate) mod tests {
         let report = Arc::new(report_of(vec![odd]));
         let text = encode(&report, Format::OpenMetrics);
         assert!(
-            text.contains(r#"wgtrace_tunnel_nested{netns="a\\b",interface="wg\"x",outer_interface=""} 0"#),
+            text.contains(
+                r#"wgtrace_tunnel_nested{netns="a\\b",interface="wg\"x",outer_interface="",outer_kind=""} 0"#
+            ),
             "{text}"
         );
     }
@@ -625,8 +668,8 @@ pub(crate) mod tests {
         Arc::new(Report { tunnels, ..report_of(Vec::new()) })
     }
 
-    /// The README's series counts: 3 + 69·T per tunnel (the default), and
-    /// 3 + 23·T + 47·P with `--peer-metrics`, for tunnels whose peers each
+    /// The README's series counts: 3 + 70·T per tunnel (the default), and
+    /// 3 + 23·T + 48·P with `--peer-metrics`, for tunnels whose peers each
     /// have one transport path and a known handshake.
     #[test]
     fn series_counts_per_tunnel_and_per_peer() {
@@ -634,10 +677,10 @@ pub(crate) mod tests {
         let (tunnels, peers) = (2, 3);
         for format in [Format::Prometheus, Format::OpenMetrics] {
             let default = encode_with(&report, format, Series::PerTunnel);
-            assert_eq!(series_count(&default), 3 + 69 * tunnels, "{default}");
+            assert_eq!(series_count(&default), 3 + 70 * tunnels, "{default}");
             assert!(!default.contains("peer=\""), "no peer label by default: {default}");
             let per_peer = encode_with(&report, format, Series::PerPeer);
-            assert_eq!(series_count(&per_peer), 3 + 23 * tunnels + 47 * peers, "{per_peer}");
+            assert_eq!(series_count(&per_peer), 3 + 23 * tunnels + 48 * peers, "{per_peer}");
         }
     }
 
@@ -656,7 +699,13 @@ pub(crate) mod tests {
         // wg1's two peers share a key prefix here: the second is made unique.
         let first = r#"netns="wgtlab-client",interface="wg1",peer="tCfh9vId""#;
         assert_eq!(sample(&text, &format!("wgtrace_inner_rtt_seconds_count{{{first}}}")), "3");
-        assert_eq!(sample(&text, &format!("wgtrace_tunnel_nested{{{first},outer_interface=\"wg0\"}}")), "1");
+        assert_eq!(
+            sample(
+                &text,
+                &format!("wgtrace_tunnel_nested{{{first},outer_interface=\"wg0\",outer_kind=\"wireguard\"}}")
+            ),
+            "1"
+        );
         assert!(text.contains(r#"peer="tCfh9vId~tCfh9vIdkey=""#), "{text}");
         // Transmit latency is per device; peer counts per tunnel.
         assert_eq!(

@@ -122,6 +122,9 @@ pub struct Topology {
     /// TUN holders without a UAPI, with their UDP sockets: possible
     /// WireGuard speakers, confirmed by their packets (bounded).
     pub candidates: Vec<speakers::Candidate>,
+    /// (netns inode, interface) -> (PID, process name) holding a TUN or TAP
+    /// device, WireGuard or not: who owns a tunnel another one rides in.
+    pub tun_holders: BTreeMap<(u64, String), (u32, String)>,
 }
 
 /// Which namespaces to look at.
@@ -181,6 +184,17 @@ impl Topology {
 
     pub fn netns_label(&self, netns: u64) -> String {
         self.namespaces.get(&netns).map(|n| n.label.clone()).unwrap_or_else(|| format!("netns:{netns}"))
+    }
+
+    /// Every route of `table` in `netns` for this family (RTM_GETROUTE dump).
+    pub fn table_routes(&self, netns: u64, family: u8, table: u32) -> Result<Vec<netlink::TableRoute>> {
+        let namespace = self.namespaces.get(&netns).context("namespace vanished")?;
+        if let Some(socket) = &namespace.route_socket {
+            let mut socket = socket.lock().map_err(|_| anyhow::anyhow!("route socket poisoned"))?;
+            return socket.table_routes(family, table);
+        }
+        let handle = namespace.handle.clone();
+        netns::run_in(&handle, move || netlink::Socket::route()?.table_routes(family, table))
     }
 
     /// Asks the kernel, inside `netns`, where a UDP packet would go.
@@ -329,6 +343,17 @@ impl Discoverer {
                 .collect();
             self.tun_links = tun_links;
         }
+        topology.tun_holders = self
+            .tun_holders
+            .iter()
+            .map(|(key, pid)| {
+                // comm is the kernel's copy (at most 15 bytes), not the
+                // process's own words; still shown as data, never trusted.
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                let comm: String = comm.trim().chars().filter(|c| !c.is_control()).take(15).collect();
+                (key.clone(), (*pid, comm))
+            })
+            .collect();
         // Userspace daemons are asked in parallel, each within its deadline.
         let mut queries = Vec::new();
         for (inode, _, links, _) in &found {

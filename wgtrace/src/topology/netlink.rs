@@ -27,6 +27,9 @@ const RTM_NEWRULE: u16 = 32;
 const RTM_GETRULE: u16 = 34;
 
 const IFLA_IFNAME: u16 = 3;
+const IFLA_MTU: u16 = 4;
+const IFLA_LINK: u16 = 5;
+const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
 
@@ -59,12 +62,33 @@ pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
 
 /// A network interface.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Link {
     pub index: u32,
     pub name: String,
     /// rtnetlink "kind" (`wireguard`, `tun`, `veth`, ...), if any.
     pub kind: Option<String>,
+    /// Device MTU (0 when the kernel did not say).
+    pub mtu: u32,
+    /// The device this one is stacked on (IFLA_LINK: a VLAN's or macvlan's
+    /// lower device), when it is in the same namespace.
+    pub parent: Option<u32>,
+    /// The bond or bridge this device is enslaved to (IFLA_MASTER).
+    pub master: Option<u32>,
+    /// ARPHRD_* hardware type: tells a TUN (`none`) from a TAP (`ether`).
+    pub hardware_type: u16,
+}
+
+/// One route of a routing table, as a dump lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableRoute {
+    pub destination: Option<IpAddr>,
+    pub prefix_len: u8,
+    pub table: u32,
+    pub oif: Option<u32>,
+    pub gateway: Option<IpAddr>,
+    /// RTN_UNICAST (1), RTN_UNREACHABLE (7), RTN_BLACKHOLE (6), ...
+    pub route_type: u8,
 }
 
 /// A policy routing rule (`ip rule`).
@@ -97,7 +121,7 @@ pub struct RouteAnswer {
 }
 
 /// A UDP flow to ask the kernel about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct UdpQuery {
     pub destination: IpAddr,
     pub source_port: u16,
@@ -233,6 +257,20 @@ impl Socket {
             replies.iter().filter(|(k, _)| *k == RTM_NEWRULE).filter_map(|(_, p)| parse_rule(p)).collect();
         rules.sort_by_key(|r| r.priority);
         Ok(rules)
+    }
+
+    /// Every route of one family in `table` (an RTM_GETROUTE dump, filtered
+    /// here): what a rule that looks that table up would find.
+    pub fn table_routes(&mut self, family: u8, table: u32) -> Result<Vec<TableRoute>> {
+        let mut body = vec![0u8; 12]; // struct rtmsg
+        body[0] = family;
+        let replies = self.request(RTM_GETROUTE, NLM_F_DUMP, &body)?;
+        Ok(replies
+            .iter()
+            .filter(|(k, _)| *k == RTM_NEWROUTE)
+            .filter_map(|(_, p)| parse_table_route(p))
+            .filter(|r| r.table == table)
+            .collect())
     }
 
     /// Asks the kernel where a UDP packet with this mark and these ports
@@ -398,10 +436,15 @@ fn address_of(value: &[u8]) -> Option<IpAddr> {
 
 pub fn parse_link(payload: &[u8]) -> Option<Link> {
     let index = u32_of(payload.get(4..8)?)?;
-    let mut link = Link { index, name: String::new(), kind: None };
+    let hardware_type = u16::from_ne_bytes([*payload.get(2)?, *payload.get(3)?]);
+    let mut link = Link { index, hardware_type, ..Link::default() };
     for (kind, value) in attributes(payload.get(16..)?) {
         match kind {
             IFLA_IFNAME => link.name = string_of(value),
+            IFLA_MTU => link.mtu = u32_of(value).unwrap_or(0),
+            // Index 0 or the device itself: not stacked.
+            IFLA_LINK => link.parent = u32_of(value).filter(|p| *p != 0 && *p != index),
+            IFLA_MASTER => link.master = u32_of(value).filter(|m| *m != 0),
             IFLA_LINKINFO => {
                 link.kind =
                     attributes(value).into_iter().find(|(k, _)| *k == IFLA_INFO_KIND).map(|(_, v)| string_of(v));
@@ -442,6 +485,28 @@ pub fn parse_rule(payload: &[u8]) -> Option<Rule> {
         rule.suppress_prefixlen = None;
     }
     Some(rule)
+}
+
+pub fn parse_table_route(payload: &[u8]) -> Option<TableRoute> {
+    let header = payload.get(0..12)?;
+    let mut route = TableRoute {
+        destination: None,
+        prefix_len: header[1],
+        table: header[4] as u32,
+        oif: None,
+        gateway: None,
+        route_type: header[7],
+    };
+    for (kind, value) in attributes(&payload[12..]) {
+        match kind {
+            RTA_DST => route.destination = address_of(value),
+            RTA_OIF => route.oif = u32_of(value),
+            RTA_GATEWAY => route.gateway = address_of(value),
+            RTA_TABLE => route.table = u32_of(value)?,
+            _ => {}
+        }
+    }
+    Some(route)
 }
 
 pub fn parse_route_answer(payload: &[u8]) -> Option<RouteAnswer> {
@@ -573,6 +638,9 @@ mod tests {
         let mut info = Vec::new();
         push_attribute(&mut info, IFLA_INFO_KIND, b"wireguard\0");
         push_attribute(&mut payload, IFLA_LINKINFO | 0x8000, &info);
-        assert_eq!(parse_link(&payload), Some(Link { index: 9, name: "wg1".into(), kind: Some("wireguard".into()) }));
+        assert_eq!(
+            parse_link(&payload),
+            Some(Link { index: 9, name: "wg1".into(), kind: Some("wireguard".into()), ..Link::default() })
+        );
     }
 }

@@ -1,11 +1,15 @@
 //! Rendering: the live view, the final human report, and the JSON document.
 
+pub mod join;
+
 use std::fmt::Write as _;
+
+pub use join::{join_latency, probe_nested};
 
 use serde::Serialize;
 
 use crate::{
-    correlation::{PeerReport, TunnelReport},
+    correlation::{PeerReport, Severity, TunnelReport, Verdict},
     latency::{NestingCost, PeerLatency, Summary},
     probes::HookStatus,
     topology::netlink::table_name,
@@ -63,7 +67,9 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
             }
             _ => String::new(),
         };
-        let _ = writeln!(out, "  {} ({}, {config}{found_by})", tunnel.interface, tunnel.implementation.as_str());
+        let manager = tunnel.manager.map(|m| format!(", {}", m.as_str())).unwrap_or_default();
+        let _ =
+            writeln!(out, "  {} ({}, {config}{manager}{found_by})", tunnel.interface, tunnel.implementation.as_str());
         for peer in &tunnel.peers {
             let endpoint = peer.endpoint.map(crate::redact::endpoint).unwrap_or_else(|| "no endpoint".into());
             let key: String = crate::redact::key(&peer.public_key).chars().take(17).collect();
@@ -91,15 +97,7 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
                     }
                 }
             }
-            match (&peer.nested_in, peer.nesting) {
-                (Some(_), Some(nesting)) => {
-                    let mut chain = vec![tunnel.interface.clone()];
-                    chain.extend(peer.chain.iter().cloned());
-                    let _ = writeln!(out, "      NESTED ({}): {}", nesting.as_str(), chain.join(" inside "));
-                }
-                _ if peer.transport.is_some() => out.push_str("      direct: not inside another tunnel\n"),
-                _ => {}
-            }
+            render_verdict(&mut out, &tunnel.interface, peer, report.duration_seconds);
             render_diagnosis(&mut out, peer, "      ");
             if let Some(handshake) = &peer.handshake {
                 render_handshake(&mut out, handshake);
@@ -111,6 +109,7 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
                 render_nesting_cost(&mut out, &tunnel.interface, cost);
             }
         }
+        render_findings(&mut out, tunnel, "  ", false, &[Severity::Warning, Severity::Error]);
     }
     if !report.route_lookups.is_empty() {
         out.push_str("UDP routing lookups (mark, table): ");
@@ -133,18 +132,79 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
     out
 }
 
-/// Why a peer is nested and the fix in every form a user may need; shared
-/// by `run` and `check` output.
+/// The verdict line of `run`: direct, nested with its chain, or a loop
+/// with the packet rate that proves it.
+fn render_verdict(out: &mut String, interface: &str, peer: &PeerReport, duration_seconds: f64) {
+    match peer.verdict {
+        Verdict::Nested => {
+            let mut chain = vec![interface.to_owned()];
+            chain.extend(peer.chain.iter().cloned());
+            let kind = peer
+                .outer
+                .as_ref()
+                .filter(|o| o.kind != crate::correlation::OuterKind::Wireguard)
+                .map(|o| {
+                    let owner = o.owner.as_deref().map(|w| format!(", held by {w}")).unwrap_or_default();
+                    format!(" [{} is a {} device{owner}]", o.interface, o.kind.as_str())
+                })
+                .unwrap_or_default();
+            let nesting = peer.nesting.map(|n| n.as_str()).unwrap_or("?");
+            let _ = writeln!(out, "      NESTED ({nesting}): {}{kind}", chain.join(" inside "));
+        }
+        Verdict::Loop => {
+            let members = peer.loop_members.clone().unwrap_or_default();
+            let mut cycle = members.clone();
+            cycle.extend(members.first().cloned());
+            let rate = match peer.transport.as_ref().and_then(|t| t.packets) {
+                Some(packets) if duration_seconds > 0.0 => format!(
+                    ": {packets} transport packets in {duration_seconds:.1} s ({:.1}/s)",
+                    packets as f64 / duration_seconds
+                ),
+                _ => String::new(),
+            };
+            let _ = writeln!(out, "      LOOP: {}{rate}", cycle.join(" → "));
+        }
+        Verdict::Direct => out.push_str("      direct: not inside another tunnel\n"),
+        Verdict::Unroutable => out.push_str("      UNROUTABLE: the kernel has no route to the endpoint\n"),
+        Verdict::Unseen => {}
+    }
+}
+
+/// A tunnel's findings (the same list `check` prints), at or above `shown`.
+pub fn render_findings(out: &mut String, tunnel: &TunnelReport, indent: &str, colour: bool, shown: &[Severity]) {
+    for finding in tunnel.findings.iter().filter(|f| shown.contains(&f.severity)) {
+        let label = format!("{:?}", finding.severity).to_uppercase();
+        let label = if colour {
+            let code = match finding.severity {
+                Severity::Error => "31;1",
+                Severity::Warning => "33;1",
+                Severity::Info => "36",
+            };
+            format!("\x1b[{code}m{label}\x1b[0m")
+        } else {
+            label
+        };
+        let _ = writeln!(out, "{indent}{label} [{}] {}", finding.kind, finding.message);
+    }
+}
+
+/// Why a peer's transport goes where it does and the verified fix, in the
+/// form of the manager owning the tunnel it applies to; shared by `run` and
+/// `check` output.
 pub fn render_diagnosis(out: &mut String, peer: &PeerReport, indent: &str) {
     if let Some(why) = &peer.explanation {
         let _ = writeln!(out, "{indent}why: {why}");
     }
     if let Some(fix) = &peer.fix_details {
-        let _ = writeln!(out, "{indent}fix: {}", fix.wg_quick);
-        let _ = writeln!(out, "{indent}     now: {}", fix.wg_set);
-        let _ = writeln!(out, "{indent}     systemd-networkd: {}", fix.systemd_networkd);
-        let _ = writeln!(out, "{indent}     NetworkManager: {}", fix.network_manager);
-        let _ = writeln!(out, "{indent}     verified: would leave via {}", fix.verified_egress_interface);
+        let form = fix.manager.map(|m| format!(", {}", m.as_str())).unwrap_or_default();
+        let mut lines = fix.how.lines();
+        let _ = writeln!(out, "{indent}fix ({}{form}): {}", fix.kind.as_str(), lines.next().unwrap_or_default());
+        for line in lines {
+            let _ = writeln!(out, "{indent}     {line}");
+        }
+        let _ = writeln!(out, "{indent}     now: {}", fix.commands.join("; "));
+        let table = fix.verified_route_table.map(table_name).map(|t| format!(" (table {t})")).unwrap_or_default();
+        let _ = writeln!(out, "{indent}     verified: would leave via {}{table}", fix.verified_egress_interface);
     }
 }
 
