@@ -55,6 +55,9 @@ fn tailscale_style_speaker_is_found_nested_then_direct_after_the_rule_fix() {
     assert_eq!(peer["transport"]["mark"], speakers_lab::MARK);
     assert!(peer["transport"]["packets"].as_u64().unwrap() > 0);
     assert_eq!(peer["handshake"]["up"], true, "the handshakes seen: {peer:#}");
+    // Its manager owns its mark, so the fix is a rule above wg-quick's, never a FwMark.
+    assert_eq!(ts["manager"], "tailscale", "{ts:#}");
+    assert_eq!(peer["fix_details"]["kind"], "rule", "{peer:#}");
     // Its peer, equally unlisted, is found in the router and is direct.
     let far = tunnel(&report, lab::ROUTER, speakers_lab::INTERFACE).unwrap_or_else(|| panic!("{report:#}"));
     assert_eq!(far["discovered_by"], "packets");

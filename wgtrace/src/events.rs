@@ -225,15 +225,17 @@ impl<W: Write> EventStream<W> {
                     ));
                 }
                 let was_verdict = was.and_then(|w| w.verdict.clone());
+                // Nested in wg0, then in wg2, is a change too.
                 if let Some((verdict, outer)) = &now_state.verdict
-                    && was_verdict.as_ref().map(|v| v.0) != Some(*verdict)
+                    && was_verdict.as_ref() != now_state.verdict.as_ref()
                 {
                     lines.push(line(
                         "verdict_change",
                         netns,
                         interface,
                         Some(peer),
-                        json!({ "from": was_verdict.map(|v| v.0), "to": verdict, "nested_in": outer,
+                        json!({ "from": was_verdict.as_ref().map(|v| v.0), "from_nested_in": was_verdict.and_then(|v| v.1),
+                                "to": verdict, "nested_in": outer,
                                 "nesting": peer.nesting.map(|n| n.as_str()), "fix": peer.fix }),
                     ));
                 }

@@ -17,12 +17,16 @@ use std::{
     collections::HashMap,
     ffi::CString,
     io::Read as _,
-    os::fd::{FromRawFd as _, OwnedFd},
+    os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::fs::OpenOptionsExt as _,
+    },
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use zeroize::Zeroizing;
 
 use crate::{correlation::TunnelReport, topology::Topology};
 
@@ -117,8 +121,13 @@ pub fn friendly_names(config: &str) -> HashMap<String, String> {
 
 /// Reads `path` (relative) inside `root` without leaving it: symlinks,
 /// `..` and absolute links resolve within `root`; only regular files, at
-/// most [`MAX_CONFIG_BYTES`].
-fn read_in_root(root: &Path, path: &str) -> Result<String> {
+/// most [`MAX_CONFIG_BYTES`]. The file is first opened with `O_PATH`, which
+/// has no effect on what it names, and read only once it is known to be a
+/// regular file: a plain open of a device node planted there (say a
+/// watchdog) would act on it. The text (the whole config, private key
+/// included) is wiped when dropped.
+fn read_in_root(root: &Path, path: &str) -> Result<Zeroizing<String>> {
+    use std::os::fd::AsRawFd as _;
     let open_dir = CString::new(root.as_os_str().as_encoded_bytes())?;
     // SAFETY: open(2) of a NUL-terminated path; the fd is owned below.
     let dir = unsafe { libc::open(open_dir.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
@@ -130,9 +139,8 @@ fn read_in_root(root: &Path, path: &str) -> Result<String> {
     let name = CString::new(path)?;
     // SAFETY: open_how is plain integers; all-zero is a valid value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC) as u64;
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    use std::os::fd::AsRawFd as _;
     // SAFETY: openat2(2) with a valid dirfd, path and open_how of the right size.
     let fd = unsafe {
         libc::syscall(
@@ -147,12 +155,46 @@ fn read_in_root(root: &Path, path: &str) -> Result<String> {
         return Err(std::io::Error::last_os_error().into());
     }
     // SAFETY: a fresh fd we own.
-    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-    let metadata = file.metadata()?;
-    anyhow::ensure!(metadata.is_file(), "not a regular file");
-    let mut text = String::new();
+    let located = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: fstat(2) into a zeroed stat buffer on an fd we own.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(located.as_raw_fd(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    anyhow::ensure!(stat.st_mode & libc::S_IFMT == libc::S_IFREG, "not a regular file");
+    // Reopening the very inode found above, readable now that it is known
+    // to be a regular file.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", located.as_raw_fd()))?;
+    let mut text = Zeroizing::new(String::new());
     file.take(MAX_CONFIG_BYTES).read_to_string(&mut text)?;
     Ok(text)
+}
+
+/// (netns, interface) -> names read from that tunnel's configs.
+type ConfigNames = HashMap<(u64, String), HashMap<String, String>>;
+
+/// Reads the configs of these tunnels ((netns, interface, daemon PID)).
+fn read_config_names(tunnels: Vec<(u64, String, Option<u32>)>) -> ConfigNames {
+    let mut all = HashMap::new();
+    for (netns, interface, daemon_pid) in tunnels {
+        let relative = format!("etc/wireguard/{interface}.conf");
+        let mut roots = vec![std::path::PathBuf::from("/")];
+        if let Some(pid) = daemon_pid {
+            roots.push(format!("/proc/{pid}/root").into());
+        }
+        let mut names = HashMap::new();
+        for root in roots {
+            match read_in_root(&root, &relative) {
+                Ok(text) => names.extend(friendly_names(&text)),
+                Err(err) => log::debug!("peer names: {}/{relative}: {err:#}", root.display()),
+            }
+        }
+        all.insert((netns, interface), names);
+    }
+    all
 }
 
 /// Names from `--peer-names` and from the configs of the tunnels found,
@@ -161,8 +203,13 @@ fn read_in_root(root: &Path, path: &str) -> Result<String> {
 pub struct PeerNames {
     from_file: HashMap<String, String>,
     /// By (netns, interface): names from that tunnel's configs.
-    from_configs: HashMap<(u64, String), HashMap<String, String>>,
+    from_configs: ConfigNames,
     read_at: Option<(Instant, u64)>,
+    /// The reader in flight, if any. Configs are read on a thread of their
+    /// own, one at a time: a file in a daemon's root can be on a mount that
+    /// never answers (FUSE), and that must stall neither the run loop nor
+    /// pile up readers.
+    reading: Option<std::sync::mpsc::Receiver<ConfigNames>>,
 }
 
 impl PeerNames {
@@ -170,29 +217,41 @@ impl PeerNames {
         Self { from_file, ..Self::default() }
     }
 
-    /// Reads the configs of `topology`'s tunnels when they changed or a
-    /// while has passed.
+    /// Takes what the last reader found, and starts a new one when the
+    /// tunnels changed or a while has passed (never while one is still
+    /// reading).
     fn refresh(&mut self, topology: &Topology) {
+        if let Some(reading) = &self.reading {
+            match reading.try_recv() {
+                Ok(names) => {
+                    self.from_configs = names;
+                    self.reading = None;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => return,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => self.reading = None,
+            }
+        }
         let fingerprint = topology.fingerprint();
         if self.read_at.is_some_and(|(at, seen)| seen == fingerprint && at.elapsed() < REREAD_AFTER) {
             return;
         }
         self.read_at = Some((Instant::now(), fingerprint));
-        self.from_configs.clear();
-        for tunnel in &topology.tunnels {
-            let relative = format!("etc/wireguard/{}.conf", tunnel.interface);
-            let mut roots = vec![std::path::PathBuf::from("/")];
-            if let Some(pid) = tunnel.daemon_pid {
-                roots.push(format!("/proc/{pid}/root").into());
-            }
-            let mut names = HashMap::new();
-            for root in roots {
-                match read_in_root(&root, &relative) {
-                    Ok(text) => names.extend(friendly_names(&text)),
-                    Err(err) => log::debug!("peer names: {}/{relative}: {err:#}", root.display()),
+        let tunnels = topology.tunnels.iter().map(|t| (t.netns, t.interface.clone(), t.daemon_pid)).collect();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new().name("wgtrace-names".into()).spawn(move || {
+            let _ = sender.send(read_config_names(tunnels));
+        });
+        match spawned {
+            Ok(_) => {
+                // A quick reader (the usual case) is taken at once, so names
+                // are there from the first report.
+                if let Ok(names) = receiver.recv_timeout(Duration::from_millis(200)) {
+                    self.from_configs = names;
+                } else {
+                    self.reading = Some(receiver);
                 }
             }
-            self.from_configs.insert((tunnel.netns, tunnel.interface.clone()), names);
+            Err(err) => log::debug!("peer names: starting a reader: {err}"),
         }
     }
 
@@ -282,6 +341,13 @@ mod tests {
         assert!(read_in_root(&root, "etc/wireguard/wg2.conf").is_err(), "climbed out of the root");
         std::fs::create_dir(etc.join("wg3.conf")).unwrap();
         assert!(read_in_root(&root, "etc/wireguard/wg3.conf").is_err(), "read a directory");
+        // A FIFO (like a device node) is never opened for reading: a plain
+        // open of one would block here (or, for a device, act on it).
+        let fifo = std::ffi::CString::new(etc.join("wg4.conf").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) of a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let error = read_in_root(&root, "etc/wireguard/wg4.conf").unwrap_err();
+        assert!(format!("{error:#}").contains("not a regular file"), "{error:#}");
         let _ = std::fs::remove_dir_all(&root);
         let _ = std::fs::remove_file(&outside);
     }

@@ -225,11 +225,12 @@ impl SpeakersLab {
 
     /// The fix in Tailscale's terms: a rule above wg-quick's that sends the
     /// daemon's marked packets to main. wireguard-go keeps the source
-    /// address it last used, so the endpoint must be set again after it
-    /// ([`Self::rekey`] does).
+    /// address it last used, so the endpoint is set again after it
+    /// ([`Self::rekey`]), before any trace starts: otherwise the pinned path
+    /// through wg0 is still what its packets take.
     pub fn fix(&self) -> Result<()> {
         ns(CLIENT, "ip rule add fwmark 0x80000/0xff0000 lookup main pref 5000")?;
-        Ok(())
+        self.rekey()
     }
 }
 

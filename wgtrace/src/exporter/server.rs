@@ -1,5 +1,5 @@
-//! The HTTP side: a small HTTP/1.1 server on the run loop's runtime that
-//! only ever reads the latest published report.
+//! The HTTP side: a small HTTP/1.1 server, on a thread and runtime of its
+//! own, that only ever reads the latest published report.
 //!
 //! Nothing here can hold up tracing, and no client can keep others out:
 //! * the run loop never awaits this side, and rendering runs on the

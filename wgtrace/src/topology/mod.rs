@@ -212,6 +212,8 @@ impl Topology {
 /// Retry a daemon that missed its deadline after 2, 4, 8 ... seconds, at most
 /// this long.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// UAPI queries under way at once, each on a thread of its own.
+const MAX_UAPI_QUERIES: usize = 32;
 
 /// A daemon that failed to answer: when to ask it again.
 struct Backoff {
@@ -435,6 +437,13 @@ impl Discoverer {
             }
         }
         topology.candidates = self.candidates(&topology, no_uapi);
+        // Backoff and what was logged are kept only for tunnels that still
+        // exist: holders that come and go must not grow them.
+        let present: HashSet<(u32, &str)> =
+            topology.tunnels.iter().filter_map(|t| Some((t.daemon_pid?, t.interface.as_str()))).collect();
+        self.backoff.retain(|(pid, interface), _| present.contains(&(*pid, interface.as_str())));
+        let tunnels: HashSet<(u64, &str)> = topology.tunnels.iter().map(|t| (t.netns, t.interface.as_str())).collect();
+        self.logged.retain(|(netns, interface), _| tunnels.contains(&(*netns, interface.as_str())));
         topology.tunnels.sort_by(|a, b| (&a.netns_label, &a.interface).cmp(&(&b.netns_label, &b.interface)));
         Ok(topology)
     }
@@ -490,8 +499,17 @@ impl Discoverer {
         {
             return Err(anyhow::Error::new(BackingOff(backoff.failures)));
         }
-        if !self.in_flight.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert(key.clone()) {
-            anyhow::bail!("unreadable: its previous UAPI query is still stuck");
+        {
+            let mut in_flight = self.in_flight.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            if in_flight.contains(&key) {
+                anyhow::bail!("unreadable: its previous UAPI query is still stuck");
+            }
+            // Queries stuck on hostile daemons hold a thread each: bounded,
+            // the rest are asked in a later round.
+            if in_flight.len() >= MAX_UAPI_QUERIES {
+                anyhow::bail!("unreadable: {MAX_UAPI_QUERIES} UAPI queries are still under way; asked again later");
+            }
+            in_flight.insert(key.clone());
         }
         let (sender, receiver) = std::sync::mpsc::channel();
         let in_flight = Arc::clone(&self.in_flight);
