@@ -229,43 +229,41 @@ fn tunnel_report(topology: &Topology, tunnel: &Tunnel, peers: Vec<PeerReport>) -
     }
 }
 
-/// `run`: verdicts from the paths packets were seen to take.
+/// `run`: verdicts from the paths packets were seen to take. Tunnels whose
+/// configuration could not be read are listed too, without peers.
 pub fn correlate(topology: &Topology, seen: &Observations, oracle: &dyn RouteOracle) -> Vec<TunnelReport> {
-    let mut reports: Vec<TunnelReport> = topology
-        .tunnels
-        .iter()
-        .map(|tunnel| {
-            let peers = tunnel
-                .device
-                .iter()
-                .flat_map(|d| &d.peers)
-                .map(|peer| {
-                    let facts = observed_path(topology, tunnel, peer, seen, oracle);
-                    verdict::judge(topology, tunnel, peer, facts, oracle)
-                })
-                .collect();
-            tunnel_report(topology, tunnel, peers)
-        })
-        .collect();
-    verdict::resolve(topology, &mut reports, oracle);
-    reports
+    judge_all(topology, oracle, |_| true, |tunnel, peer| observed_path(topology, tunnel, peer, seen, oracle))
 }
 
-/// `check`: verdicts from where the kernel says each transport would go.
+/// `check`: verdicts from where the kernel says each transport would go
+/// (unreadable tunnels are `check`'s own findings).
 pub fn predict(topology: &Topology, oracle: &dyn RouteOracle) -> Vec<TunnelReport> {
+    judge_all(
+        topology,
+        oracle,
+        |tunnel| tunnel.device.is_some(),
+        |tunnel, peer| predicted_path(topology, tunnel, peer, oracle),
+    )
+}
+
+/// The one judge behind `run` and `check`: each listed tunnel's peers are
+/// judged from `facts`, then loops and chains are resolved across tunnels.
+fn judge_all(
+    topology: &Topology,
+    oracle: &dyn RouteOracle,
+    listed: impl Fn(&Tunnel) -> bool,
+    facts: impl Fn(&Tunnel, &crate::topology::Peer) -> PathFacts,
+) -> Vec<TunnelReport> {
     let mut reports: Vec<TunnelReport> = topology
         .tunnels
         .iter()
-        .filter(|t| t.device.is_some())
+        .filter(|tunnel| listed(tunnel))
         .map(|tunnel| {
             let peers = tunnel
                 .device
                 .iter()
                 .flat_map(|d| &d.peers)
-                .map(|peer| {
-                    let facts = predicted_path(topology, tunnel, peer, oracle);
-                    verdict::judge(topology, tunnel, peer, facts, oracle)
-                })
+                .map(|peer| verdict::judge(topology, tunnel, peer, facts(tunnel, peer), oracle))
                 .collect();
             tunnel_report(topology, tunnel, peers)
         })
