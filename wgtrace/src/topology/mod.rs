@@ -255,6 +255,43 @@ pub struct Discoverer {
     /// `--netns NAME` was found once: its vanishing is then not an error.
     named_seen: bool,
     named_gone_logged: bool,
+    /// The namespaces the last successful listing found, used while listing
+    /// fails.
+    namespaces: Option<Vec<Netns>>,
+    /// Steps of a round that failed, and what was logged about each.
+    failing_steps: StepFailures,
+}
+
+/// Which steps of a discovery round fail, so each failure is logged once
+/// (again only when its message changes) and its recovery once, instead of
+/// every round. A failing step never ends the round: it goes on with what
+/// it could read.
+#[derive(Default)]
+struct StepFailures(HashMap<&'static str, String>);
+
+impl StepFailures {
+    /// Notes `step`'s outcome; logs a new or changed failure, or a recovery,
+    /// unless `quiet` (the run is over). Returns the value, if any.
+    fn note<T>(&mut self, step: &'static str, result: Result<T>, quiet: bool) -> Option<T> {
+        match result {
+            Ok(value) => {
+                if self.0.remove(step).is_some() && !quiet {
+                    log::info!("discovery: {step} works again");
+                }
+                Some(value)
+            }
+            Err(err) => {
+                let message = format!("{err:#}");
+                if self.0.get(step) != Some(&message) {
+                    if !quiet {
+                        log::warn!("discovery: {step} failed: {message}; going on with what could be read");
+                    }
+                    self.0.insert(step, message);
+                }
+                None
+            }
+        }
+    }
 }
 
 /// One namespace's netlink sockets. Holding them keeps the namespace (and
@@ -290,13 +327,28 @@ impl Discoverer {
             logged: HashMap::new(),
             named_seen: false,
             named_gone_logged: false,
+            namespaces: None,
+            failing_steps: StepFailures::default(),
         }
     }
 
     pub fn discover(&mut self) -> Result<Topology> {
         let own_netns = netns::own_inode()?;
-        let mut candidates: BTreeMap<u64, Netns> =
-            self.access.namespaces()?.into_iter().map(|ns| (ns.inode, ns)).collect();
+        let quiet = self.access.is_closed();
+        // Without a listing the last one is used (a first failure ends the
+        // round: there is nothing to go on with).
+        let listed = self.access.namespaces().context("listing network namespaces");
+        let listed = match self.failing_steps.note("listing network namespaces", listed, quiet) {
+            Some(listed) => self.namespaces.insert(listed).clone(),
+            None => match &self.namespaces {
+                Some(last) => last.clone(),
+                None => {
+                    let err = self.failing_steps.0.get("listing network namespaces").cloned().unwrap_or_default();
+                    anyhow::bail!("listing network namespaces: {err}");
+                }
+            },
+        };
+        let mut candidates: BTreeMap<u64, Netns> = listed.into_iter().map(|ns| (ns.inode, ns)).collect();
         match &self.scope {
             Scope::All => {}
             Scope::Current => candidates.retain(|inode, _| *inode == own_netns),
@@ -337,13 +389,14 @@ impl Discoverer {
             .collect();
         if tun_links != self.tun_links {
             // A TUN device appeared or went: only then is /proc worth a scan.
-            self.tun_holders = self
-                .access
-                .tun_holders()?
-                .into_iter()
-                .map(|holder| ((holder.netns, holder.interface), holder.pid))
-                .collect();
-            self.tun_links = tun_links;
+            // If it fails, the last scan's holders stand and the scan is
+            // retried next round.
+            let holders = self.access.tun_holders().context("finding the processes that hold TUN devices");
+            if let Some(holders) = self.failing_steps.note("finding TUN holders", holders, quiet) {
+                self.tun_holders =
+                    holders.into_iter().map(|holder| ((holder.netns, holder.interface), holder.pid)).collect();
+                self.tun_links = tun_links;
+            }
         }
         topology.tun_holders = self
             .tun_holders
@@ -366,10 +419,12 @@ impl Discoverer {
         }
         let mut userspace: HashMap<(u64, String), (u32, Result<Device>)> = HashMap::new();
         let mut no_uapi = Vec::new();
+        // All were started together: one deadline for all of them.
+        let answers_by = Instant::now() + uapi::DEADLINE + Duration::from_millis(500);
         for (inode, interface, pid, answer) in queries {
             let result = match answer {
                 Ok(receiver) => receiver
-                    .recv_timeout(uapi::DEADLINE + Duration::from_millis(500))
+                    .recv_timeout(answers_by.saturating_duration_since(Instant::now()))
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("the UAPI query did not end in time"))),
                 Err(err) => Err(err),
             };
@@ -518,6 +573,8 @@ impl Discoverer {
             .name("wgtrace-uapi".into())
             .spawn(move || {
                 let (pid, interface) = (key.0, key.1.as_str());
+                // Connect (through the helper, if any), request and reply all
+                // share one deadline.
                 let deadline = Instant::now() + uapi::DEADLINE;
                 let answer = access.uapi_socket(pid, interface, uapi::DEADLINE).and_then(|socket| match socket {
                     Some(socket) => uapi::query(&socket, deadline)
