@@ -763,6 +763,67 @@ mod tests {
         assert_ne!(with_peers(vec![peer("A=", "192.0.2.9:51820", 1), b], 0).fingerprint(), base);
     }
 
+    /// This process's own namespace (no privilege needed), with listing
+    /// steps that fail on demand.
+    #[derive(Default)]
+    struct Flaky {
+        namespaces_fail: std::sync::atomic::AtomicBool,
+        holders_fail: std::sync::atomic::AtomicBool,
+        holder_scans: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Privileged for Flaky {
+        fn namespaces(&self) -> Result<Vec<Netns>> {
+            anyhow::ensure!(!self.namespaces_fail.load(std::sync::atomic::Ordering::Relaxed), "listing refused");
+            let handle = PathBuf::from("/proc/self/ns/net");
+            Ok(vec![Netns { inode: netns::inode_of(&handle)?, name: None, handle }])
+        }
+        fn tun_holders(&self) -> Result<Vec<access::TunHolder>> {
+            self.holder_scans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            anyhow::ensure!(!self.holders_fail.load(std::sync::atomic::Ordering::Relaxed), "scan refused");
+            Ok(Vec::new())
+        }
+        fn netns_socket(&self, handle: &std::path::Path, inode: u64, protocol: i32) -> Result<std::os::fd::OwnedFd> {
+            access::Direct.netns_socket(handle, inode, protocol)
+        }
+        fn uapi_socket(&self, _: u32, _: &str, _: Duration) -> Result<Option<std::os::fd::OwnedFd>> {
+            Ok(None)
+        }
+        fn udp_sockets(&self, _: u32) -> Result<Vec<speakers::UdpSocket>> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn a_failing_step_does_not_end_the_round() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let access = Arc::new(Flaky::default());
+        let mut discoverer = Discoverer::with_access(Scope::Current, Arc::clone(&access) as Arc<dyn Privileged>);
+        // Nothing listed yet: nothing to go on with.
+        access.namespaces_fail.store(true, Relaxed);
+        assert!(discoverer.discover().is_err());
+        access.namespaces_fail.store(false, Relaxed);
+        // A TUN link the last scan did not see (gone now): a scan is due.
+        discoverer.tun_links.insert((0, 0, "gone0".into()));
+        access.holders_fail.store(true, Relaxed);
+        let own = netns::own_inode().unwrap();
+        let topology = discoverer.discover().expect("the round goes on without TUN holders");
+        assert!(topology.namespaces.contains_key(&own), "links and rules were still read");
+        assert_eq!(discoverer.failing_steps.0.len(), 1, "the failure is remembered, so logged once");
+        // Still failing: retried every round (logged once); then it works.
+        discoverer.discover().unwrap();
+        assert_eq!(access.holder_scans.load(Relaxed), 2);
+        access.holders_fail.store(false, Relaxed);
+        discoverer.discover().unwrap();
+        assert!(discoverer.failing_steps.0.is_empty(), "its recovery is noted");
+        discoverer.discover().unwrap();
+        assert_eq!(access.holder_scans.load(Relaxed), 3, "no rescan once the scan matches the links");
+        // Listing fails later: the last list is used.
+        access.namespaces_fail.store(true, Relaxed);
+        let topology = discoverer.discover().expect("the last listing stands in");
+        assert!(topology.namespaces.contains_key(&own));
+    }
+
     #[test]
     fn prefixes() {
         assert_eq!(parse_prefix("203.0.113.0/24").unwrap(), ("203.0.113.0".parse().unwrap(), 24));
