@@ -314,8 +314,10 @@ fn dropped_privileges_discovery_survives_daemons_that_never_accept() {
     let wg2 = client_peer(&report, "wg2");
     assert_eq!(wg2["nested_in"], "wg1", "a tunnel created after startup gets its verdict: {wg2:#}");
     assert!(wg2["transport"]["packets"].as_u64().unwrap_or(0) > 0, "from packets: {wg2:#}");
-    // The stalling daemons are reported unreadable, not silently dropped.
-    let stalled = (0..STALLING_DEVICES).filter(|i| stderr.contains(&format!("{NETNS}/{PREFIX}{i}: "))).count();
-    assert!(stalled > 0, "the daemons that never accept are reported unreadable: {stderr}");
-    assert!(stderr.contains(&format!("{NETNS}/{PREFIX}hang: ")), "so is the one that never answers: {stderr}");
+    // Every stalling daemon is reported unreadable, once (not every round).
+    for name in (0..STALLING_DEVICES).map(|i| i.to_string()).chain(["hang".to_owned()]) {
+        let reported = stderr.matches(&format!("{NETNS}/{PREFIX}{name}: ")).count();
+        assert!((1..=2).contains(&reported), "{PREFIX}{name} is reported unreadable once, not {reported} times: {stderr}");
+    }
+    assert!(stderr.contains("listen queue stayed full"), "says why: {stderr}");
 }
