@@ -317,7 +317,10 @@ fn dropped_privileges_discovery_survives_daemons_that_never_accept() {
     // Every stalling daemon is reported unreadable, once (not every round).
     for name in (0..STALLING_DEVICES).map(|i| i.to_string()).chain(["hang".to_owned()]) {
         let reported = stderr.matches(&format!("{NETNS}/{PREFIX}{name}: ")).count();
-        assert!((1..=2).contains(&reported), "{PREFIX}{name} is reported unreadable once, not {reported} times: {stderr}");
+        assert!(
+            (1..=2).contains(&reported),
+            "{PREFIX}{name} is reported unreadable once, not {reported} times: {stderr}"
+        );
     }
     assert!(stderr.contains("listen queue stayed full"), "says why: {stderr}");
 }

@@ -292,42 +292,47 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .map_err(|e| e.into_parts().1)
         .context("watching the ring buffer")?;
     let live = !options.json && !options.events && std::io::stderr().is_terminal();
-    // The topology was just discovered: the first refresh is one interval away.
+    // The first discovery is in (or late, and applied when it comes): the
+    // first refresh is one interval away.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + options.interval, options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
-    while !stopped {
-        tokio::select! {
-            ready = ring.readable() => {
-                let mut guard = ready?;
-                session.drain_events();
-                guard.clear_ready();
-                session.log_first_verdict()?;
-            }
-            Ok(()) = topologies.changed() => {
-                let topology = topologies.borrow_and_update().clone();
-                session.apply_topology(topology)?;
-            }
-            _ = ticker.tick() => {
-                session.drain_events();
-                if live || publisher.is_some() || session.events.is_some() {
-                    let report = session.report()?;
-                    if let Some(events) = &mut session.events {
-                        events.on_report(&report);
-                    }
-                    if live {
-                        let mut err = std::io::stderr().lock();
-                        // Clear the screen and redraw from the top.
-                        let _ = write!(err, "\x1b[H\x1b[2J{}", report::render(&report, &session.tracer.hooks));
-                    }
-                    if let Some(publisher) = &publisher {
-                        publisher.publish(report);
+    // A signal during the wait for the first discovery goes straight to the
+    // report.
+    if !stopped {
+        loop {
+            tokio::select! {
+                ready = ring.readable() => {
+                    let mut guard = ready?;
+                    session.drain_events();
+                    guard.clear_ready();
+                    session.log_first_verdict()?;
+                }
+                Ok(()) = topologies.changed() => {
+                    let topology = topologies.borrow_and_update().clone();
+                    session.apply_topology(topology)?;
+                }
+                _ = ticker.tick() => {
+                    session.drain_events();
+                    if live || publisher.is_some() || session.events.is_some() {
+                        let report = session.report()?;
+                        if let Some(events) = &mut session.events {
+                            events.on_report(&report);
+                        }
+                        if live {
+                            let mut err = std::io::stderr().lock();
+                            // Clear the screen and redraw from the top.
+                            let _ = write!(err, "\x1b[H\x1b[2J{}", report::render(&report, &session.tracer.hooks));
+                        }
+                        if let Some(publisher) = &publisher {
+                            publisher.publish(report);
+                        }
                     }
                 }
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
         }
     }
     // Stop serving metrics: the server and its connections are dropped.
