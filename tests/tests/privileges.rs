@@ -19,12 +19,27 @@ fn as_nobody(args: &[&str]) -> (i32, String, String) {
         COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     std::fs::copy(wgtrace_bin(), &copy).unwrap();
-    let output = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
-        .arg(&copy)
-        .args(args)
-        .output()
-        .unwrap();
+    // A process another test forks in the moment between the copy's open and
+    // close holds its write descriptor until it execs: executing the copy
+    // then fails with ETXTBSY ("Text file busy") for that moment.
+    let mut attempts = 0;
+    let output = loop {
+        let output = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .arg(&copy)
+            .args(args)
+            .output()
+            .unwrap();
+        attempts += 1;
+        if output.status.code() == Some(126)
+            && String::from_utf8_lossy(&output.stderr).contains("Text file busy")
+            && attempts < 20
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            continue;
+        }
+        break output;
+    };
     let _ = std::fs::remove_file(&copy);
     (
         output.status.code().unwrap_or(-1),
