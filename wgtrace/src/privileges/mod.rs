@@ -24,6 +24,7 @@
 //! BPF, nor enter a namespace. It reads its BPF maps through the descriptors it already has:
 //! Linux 5.19 and later allow that without CAP_BPF (see [`bpf_by_fd_needs_cap_bpf`]).
 
+mod channel;
 pub mod helper;
 
 use std::io;
