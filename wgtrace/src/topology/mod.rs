@@ -344,7 +344,7 @@ impl Discoverer {
                 Some(last) => last.clone(),
                 None => {
                     let err = self.failing_steps.0.get("listing network namespaces").cloned().unwrap_or_default();
-                    anyhow::bail!("listing network namespaces: {err}");
+                    anyhow::bail!("{err}"); // already says "listing network namespaces"
                 }
             },
         };
