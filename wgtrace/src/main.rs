@@ -64,7 +64,7 @@ header read and one bit test (docs/performance.md).")]
         #[arg(long)]
         probe: bool,
         /// Privilege separation: once attached, wgtrace becomes user nobody
-        /// with only CAP_NET_ADMIN and CAP_NET_RAW (no CAP_SYS_ADMIN, CAP_BPF
+        /// with only CAP_NET_ADMIN (no CAP_SYS_ADMIN, CAP_BPF
         /// or CAP_PERFMON: it cannot load BPF or enter namespaces); a small
         /// root helper that parses nothing enters namespaces and finds
         /// daemons for it. Not with --probe.

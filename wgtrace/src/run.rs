@@ -246,9 +246,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         awaiting_first_verdict: false,
         first_verdict_logged: false,
     };
-    // The first discovery is bounded (every daemon and netlink answer has a
-    // deadline) and a signal meanwhile is queued for the loop below.
-    let mut discoverer = match &helper {
+    let discoverer = match &helper {
         Some(helper) => Discoverer::with_access(options.scope, Arc::clone(helper) as Arc<dyn Privileged>),
         None => Discoverer::new(options.scope),
     };
@@ -256,10 +254,32 @@ pub async fn run(options: RunOptions) -> Result<()> {
         crate::privileges::drop_after_attach()?;
         log::info!("privileged helper: PID {}", helper.pid());
     }
-    session.apply_topology(discoverer.discover()?)?;
     // Spawned after the drop, so the discovery thread has no more
-    // capabilities than the rest of the process.
-    let mut topologies = spawn_discovery(discoverer, options.interval)?;
+    // capabilities than the rest of the process. Even the first discovery
+    // runs there: tracing is already attached, and the wait for it is
+    // bounded, so no process on the host can delay the run's start (or its
+    // end: a signal meanwhile ends the run at once).
+    let (mut topologies, first) = spawn_discovery(discoverer, options.interval)?;
+    let mut stopped = false;
+    tokio::select! {
+        first = tokio::time::timeout(FIRST_DISCOVERY_WAIT, first) => match first {
+            Ok(Ok(Ok(()))) => {
+                let topology = topologies.borrow_and_update().clone();
+                session.apply_topology(topology)?;
+            }
+            // A discovery that cannot start at all (`--netns` of a name that
+            // does not exist) ends the run as it always did.
+            Ok(Ok(Err(err))) => return Err(err),
+            Ok(Err(_)) => anyhow::bail!("the discovery thread ended before its first discovery"),
+            Err(_) => log::warn!(
+                "the first discovery is taking longer than {} ms (a process on the host slow to answer?): \
+                 tracing goes on, and tunnels appear as soon as it ends",
+                FIRST_DISCOVERY_WAIT.as_millis()
+            ),
+        },
+        _ = sigint.recv() => stopped = true,
+        _ = sigterm.recv() => stopped = true,
+    }
     // Serving starts with a report, so the first scrape has data. The run
     // loop only ever publishes (never waits) to the HTTP side.
     let publisher = match exporter {
@@ -272,42 +292,47 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .map_err(|e| e.into_parts().1)
         .context("watching the ring buffer")?;
     let live = !options.json && !options.events && std::io::stderr().is_terminal();
-    // The topology was just discovered: the first refresh is one interval away.
+    // The first discovery is in (or late, and applied when it comes): the
+    // first refresh is one interval away.
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + options.interval, options.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
-    loop {
-        tokio::select! {
-            ready = ring.readable() => {
-                let mut guard = ready?;
-                session.drain_events();
-                guard.clear_ready();
-                session.log_first_verdict()?;
-            }
-            Ok(()) = topologies.changed() => {
-                let topology = topologies.borrow_and_update().clone();
-                session.apply_topology(topology)?;
-            }
-            _ = ticker.tick() => {
-                session.drain_events();
-                if live || publisher.is_some() || session.events.is_some() {
-                    let report = session.report()?;
-                    if let Some(events) = &mut session.events {
-                        events.on_report(&report);
-                    }
-                    if live {
-                        let mut err = std::io::stderr().lock();
-                        // Clear the screen and redraw from the top.
-                        let _ = write!(err, "\x1b[H\x1b[2J{}", report::render(&report, &session.tracer.hooks));
-                    }
-                    if let Some(publisher) = &publisher {
-                        publisher.publish(report);
+    // A signal during the wait for the first discovery goes straight to the
+    // report.
+    if !stopped {
+        loop {
+            tokio::select! {
+                ready = ring.readable() => {
+                    let mut guard = ready?;
+                    session.drain_events();
+                    guard.clear_ready();
+                    session.log_first_verdict()?;
+                }
+                Ok(()) = topologies.changed() => {
+                    let topology = topologies.borrow_and_update().clone();
+                    session.apply_topology(topology)?;
+                }
+                _ = ticker.tick() => {
+                    session.drain_events();
+                    if live || publisher.is_some() || session.events.is_some() {
+                        let report = session.report()?;
+                        if let Some(events) = &mut session.events {
+                            events.on_report(&report);
+                        }
+                        if live {
+                            let mut err = std::io::stderr().lock();
+                            // Clear the screen and redraw from the top.
+                            let _ = write!(err, "\x1b[H\x1b[2J{}", report::render(&report, &session.tracer.hooks));
+                        }
+                        if let Some(publisher) = &publisher {
+                            publisher.publish(report);
+                        }
                     }
                 }
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
         }
     }
     // Stop serving metrics: the server and its connections are dropped.
@@ -346,13 +371,24 @@ pub async fn run(options: RunOptions) -> Result<()> {
     Ok(())
 }
 
-/// Rediscovers on a thread of its own, at once when a namespace's links or
-/// rules change and every `interval` anyway, so that no process
-/// on the host (a daemon that drips its answer, a namespace that hangs) can
-/// hold up tracing, the live view or the final report. The trace loop reads
-/// the newest snapshot without ever waiting for one.
-fn spawn_discovery(mut discoverer: Discoverer, interval: Duration) -> Result<tokio::sync::watch::Receiver<Topology>> {
+/// How long the run waits for the first discovery before it goes on without
+/// it: a UAPI daemon's whole deadline ([`crate::topology::uapi::DEADLINE`])
+/// and the collection margin, with room to spare. Normally it takes tens of
+/// milliseconds.
+const FIRST_DISCOVERY_WAIT: Duration = Duration::from_millis(2500);
+
+/// The newest topology, and the first discovery's outcome (the topology
+/// itself is in the watch channel).
+type Discoveries = (tokio::sync::watch::Receiver<Topology>, tokio::sync::oneshot::Receiver<Result<()>>);
+
+/// Discovers on a thread of its own, first at once, then when a namespace's
+/// links or rules change and every `interval` anyway, so that no process on
+/// the host (a daemon that drips its answer, a namespace that hangs) can hold
+/// up tracing, the live view or the final report. The trace loop reads the
+/// newest snapshot without ever waiting for one.
+fn spawn_discovery(mut discoverer: Discoverer, interval: Duration) -> Result<Discoveries> {
     let (sender, receiver) = tokio::sync::watch::channel(Topology::default());
+    let (first_sender, first) = tokio::sync::oneshot::channel();
     // The receiver starts out "seen": only new snapshots wake the loop.
     let mut receiver = receiver;
     receiver.mark_unchanged();
@@ -360,13 +396,35 @@ fn spawn_discovery(mut discoverer: Discoverer, interval: Duration) -> Result<tok
         .name("wgtrace-discovery".into())
         .spawn(move || {
             let mut failing = false;
+            let mut first_sender = Some(first_sender);
             loop {
                 // Link and rule changes wake it at once; everything else
                 // (new namespaces, daemons' configuration) is polled.
-                if discoverer.wait(interval) {
+                if first_sender.is_none() && discoverer.wait(interval) {
                     log::debug!("a link or rule changed: rediscovering now");
                 }
-                match discoverer.discover() {
+                let discovered = discoverer.discover();
+                if let Some(first_sender) = first_sender.take() {
+                    match discovered {
+                        Ok(topology) => {
+                            let _ = sender.send(topology);
+                            let _ = first_sender.send(Ok(()));
+                            continue;
+                        }
+                        // The run ends (or, if it went on without waiting,
+                        // is told below like any later failure).
+                        Err(err) if !first_sender.is_closed() => {
+                            let _ = first_sender.send(Err(err));
+                            return;
+                        }
+                        Err(err) => {
+                            failing = true;
+                            log::warn!("discovering tunnels: {err:#}; retrying");
+                            continue;
+                        }
+                    }
+                }
+                match discovered {
                     Ok(topology) => {
                         failing = false;
                         if sender.send(topology).is_err() {
@@ -383,5 +441,5 @@ fn spawn_discovery(mut discoverer: Discoverer, interval: Duration) -> Result<tok
             }
         })
         .context("starting the discovery thread")?;
-    Ok(receiver)
+    Ok((receiver, first))
 }

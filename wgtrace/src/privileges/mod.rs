@@ -12,13 +12,19 @@
 //! Once the programs are attached, the main process — the one that parses
 //! untrusted input: ring-buffer records, UAPI replies, netlink answers and
 //! HTTP requests — becomes user `nobody` (65534) and keeps only
-//! CAP_NET_ADMIN (the kernel answers WireGuard's generic netlink GET only to
-//! a holder of it) and CAP_NET_RAW (raw sockets), in every thread, with
-//! no_new_privs. It holds none of CAP_SYS_ADMIN, CAP_BPF or CAP_PERFMON, so
-//! it can neither load BPF, nor read kernel memory through BPF, nor enter a
-//! namespace. It reads its BPF maps through the descriptors it already has:
+//! CAP_NET_ADMIN, in every thread, with no_new_privs. The kernel answers
+//! WireGuard's generic netlink GET only when the sender holds it (checked
+//! on the process that sends, not only on the one that opened the socket).
+//! It also lets a compromised tracer change network configuration through
+//! the netlink sockets it holds (see docs/reliability.md). CAP_NET_RAW is
+//! not kept: nothing after the drop opens a raw or packet socket (netlink
+//! sockets need no capability; `--probe`'s raw ICMP sockets conflict with
+//! `--drop-privileges`). It holds none of CAP_SYS_ADMIN, CAP_BPF or
+//! CAP_PERFMON, so it can neither load BPF, nor read kernel memory through
+//! BPF, nor enter a namespace. It reads its BPF maps through the descriptors it already has:
 //! Linux 5.19 and later allow that without CAP_BPF (see [`bpf_by_fd_needs_cap_bpf`]).
 
+mod channel;
 pub mod helper;
 
 use std::io;
@@ -28,7 +34,6 @@ use anyhow::{Context as _, Result, bail};
 const CAP_DAC_OVERRIDE: u32 = 1;
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_NET_ADMIN: u32 = 12;
-const CAP_NET_RAW: u32 = 13;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
@@ -38,7 +43,7 @@ const CAP_LAST: u32 = 40;
 pub const NOBODY: u32 = 65534;
 
 /// What the main process keeps once attached.
-pub const KEPT: [u32; 2] = [CAP_NET_ADMIN, CAP_NET_RAW];
+pub const KEPT: [u32; 1] = [CAP_NET_ADMIN];
 /// What the privileged helper keeps.
 pub const HELPER_KEPT: [u32; 5] = [CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN];
 
@@ -144,8 +149,7 @@ fn narrow(keep: &[u32], become_nobody: bool) -> Result<()> {
     Ok(())
 }
 
-/// The main process, once attached: user nobody with CAP_NET_ADMIN and
-/// CAP_NET_RAW only (plus CAP_BPF where the kernel needs it to read maps by
+/// The main process, once attached: user nobody with CAP_NET_ADMIN only (plus CAP_BPF where the kernel needs it to read maps by
 /// fd, which is said loudly). Must be called before any other thread exists.
 pub fn drop_after_attach() -> Result<()> {
     let mut keep = KEPT.to_vec();
@@ -160,7 +164,7 @@ pub fn drop_after_attach() -> Result<()> {
     log::info!(
         "privileges dropped: now user nobody with {}; namespaces, /proc and daemon sockets are reached through the \
          privileged helper",
-        if keep.len() == 3 { "CAP_NET_ADMIN, CAP_NET_RAW and CAP_BPF" } else { "CAP_NET_ADMIN and CAP_NET_RAW" }
+        if keep.len() == 2 { "CAP_NET_ADMIN and CAP_BPF" } else { "only CAP_NET_ADMIN" }
     );
     Ok(())
 }
@@ -177,7 +181,7 @@ mod tests {
     #[test]
     fn the_tracer_keeps_none_of_the_bpf_capable_ones() {
         let mask = mask_of(&KEPT);
-        assert_eq!(mask.count_ones(), 2);
+        assert_eq!(mask, 1 << CAP_NET_ADMIN, "only what kernel WireGuard's GET needs");
         for (cap, name) in [(CAP_BPF, "CAP_BPF"), (38, "CAP_PERFMON"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")] {
             assert_eq!(mask & (1 << cap), 0, "{name} must go: since 5.8 CAP_SYS_ADMIN implies the other two");
         }

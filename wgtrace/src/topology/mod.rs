@@ -255,6 +255,43 @@ pub struct Discoverer {
     /// `--netns NAME` was found once: its vanishing is then not an error.
     named_seen: bool,
     named_gone_logged: bool,
+    /// The namespaces the last successful listing found, used while listing
+    /// fails.
+    namespaces: Option<Vec<Netns>>,
+    /// Steps of a round that failed, and what was logged about each.
+    failing_steps: StepFailures,
+}
+
+/// Which steps of a discovery round fail, so each failure is logged once
+/// (again only when its message changes) and its recovery once, instead of
+/// every round. A failing step never ends the round: it goes on with what
+/// it could read.
+#[derive(Default)]
+struct StepFailures(HashMap<&'static str, String>);
+
+impl StepFailures {
+    /// Notes `step`'s outcome; logs a new or changed failure, or a recovery,
+    /// unless `quiet` (the run is over). Returns the value, if any.
+    fn note<T>(&mut self, step: &'static str, result: Result<T>, quiet: bool) -> Option<T> {
+        match result {
+            Ok(value) => {
+                if self.0.remove(step).is_some() && !quiet {
+                    log::info!("discovery: {step} works again");
+                }
+                Some(value)
+            }
+            Err(err) => {
+                let message = format!("{err:#}");
+                if self.0.get(step) != Some(&message) {
+                    if !quiet {
+                        log::warn!("discovery: {step} failed: {message}; going on with what could be read");
+                    }
+                    self.0.insert(step, message);
+                }
+                None
+            }
+        }
+    }
 }
 
 /// One namespace's netlink sockets. Holding them keeps the namespace (and
@@ -290,13 +327,28 @@ impl Discoverer {
             logged: HashMap::new(),
             named_seen: false,
             named_gone_logged: false,
+            namespaces: None,
+            failing_steps: StepFailures::default(),
         }
     }
 
     pub fn discover(&mut self) -> Result<Topology> {
         let own_netns = netns::own_inode()?;
-        let mut candidates: BTreeMap<u64, Netns> =
-            self.access.namespaces()?.into_iter().map(|ns| (ns.inode, ns)).collect();
+        let quiet = self.access.is_closed();
+        // Without a listing the last one is used (a first failure ends the
+        // round: there is nothing to go on with).
+        let listed = self.access.namespaces().context("listing network namespaces");
+        let listed = match self.failing_steps.note("listing network namespaces", listed, quiet) {
+            Some(listed) => self.namespaces.insert(listed).clone(),
+            None => match &self.namespaces {
+                Some(last) => last.clone(),
+                None => {
+                    let err = self.failing_steps.0.get("listing network namespaces").cloned().unwrap_or_default();
+                    anyhow::bail!("{err}"); // already says "listing network namespaces"
+                }
+            },
+        };
+        let mut candidates: BTreeMap<u64, Netns> = listed.into_iter().map(|ns| (ns.inode, ns)).collect();
         match &self.scope {
             Scope::All => {}
             Scope::Current => candidates.retain(|inode, _| *inode == own_netns),
@@ -337,13 +389,14 @@ impl Discoverer {
             .collect();
         if tun_links != self.tun_links {
             // A TUN device appeared or went: only then is /proc worth a scan.
-            self.tun_holders = self
-                .access
-                .tun_holders()?
-                .into_iter()
-                .map(|holder| ((holder.netns, holder.interface), holder.pid))
-                .collect();
-            self.tun_links = tun_links;
+            // If it fails, the last scan's holders stand and the scan is
+            // retried next round.
+            let holders = self.access.tun_holders().context("finding the processes that hold TUN devices");
+            if let Some(holders) = self.failing_steps.note("finding TUN holders", holders, quiet) {
+                self.tun_holders =
+                    holders.into_iter().map(|holder| ((holder.netns, holder.interface), holder.pid)).collect();
+                self.tun_links = tun_links;
+            }
         }
         topology.tun_holders = self
             .tun_holders
@@ -366,10 +419,12 @@ impl Discoverer {
         }
         let mut userspace: HashMap<(u64, String), (u32, Result<Device>)> = HashMap::new();
         let mut no_uapi = Vec::new();
+        // All were started together: one deadline for all of them.
+        let answers_by = Instant::now() + uapi::DEADLINE + Duration::from_millis(500);
         for (inode, interface, pid, answer) in queries {
             let result = match answer {
                 Ok(receiver) => receiver
-                    .recv_timeout(uapi::DEADLINE + Duration::from_millis(500))
+                    .recv_timeout(answers_by.saturating_duration_since(Instant::now()))
                     .unwrap_or_else(|_| Err(anyhow::anyhow!("the UAPI query did not end in time"))),
                 Err(err) => Err(err),
             };
@@ -518,6 +573,8 @@ impl Discoverer {
             .name("wgtrace-uapi".into())
             .spawn(move || {
                 let (pid, interface) = (key.0, key.1.as_str());
+                // Connect (through the helper, if any), request and reply all
+                // share one deadline.
                 let deadline = Instant::now() + uapi::DEADLINE;
                 let answer = access.uapi_socket(pid, interface, uapi::DEADLINE).and_then(|socket| match socket {
                     Some(socket) => uapi::query(&socket, deadline)
@@ -704,6 +761,67 @@ mod tests {
         assert_eq!(with_peers(vec![peer("A=", "192.0.2.1:51820", 99), b.clone()], 0).fingerprint(), base);
         assert_ne!(with_peers(vec![a.clone(), b.clone()], 51820).fingerprint(), base);
         assert_ne!(with_peers(vec![peer("A=", "192.0.2.9:51820", 1), b], 0).fingerprint(), base);
+    }
+
+    /// This process's own namespace (no privilege needed), with listing
+    /// steps that fail on demand.
+    #[derive(Default)]
+    struct Flaky {
+        namespaces_fail: std::sync::atomic::AtomicBool,
+        holders_fail: std::sync::atomic::AtomicBool,
+        holder_scans: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Privileged for Flaky {
+        fn namespaces(&self) -> Result<Vec<Netns>> {
+            anyhow::ensure!(!self.namespaces_fail.load(std::sync::atomic::Ordering::Relaxed), "listing refused");
+            let handle = PathBuf::from("/proc/self/ns/net");
+            Ok(vec![Netns { inode: netns::inode_of(&handle)?, name: None, handle }])
+        }
+        fn tun_holders(&self) -> Result<Vec<access::TunHolder>> {
+            self.holder_scans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            anyhow::ensure!(!self.holders_fail.load(std::sync::atomic::Ordering::Relaxed), "scan refused");
+            Ok(Vec::new())
+        }
+        fn netns_socket(&self, handle: &std::path::Path, inode: u64, protocol: i32) -> Result<std::os::fd::OwnedFd> {
+            access::Direct.netns_socket(handle, inode, protocol)
+        }
+        fn uapi_socket(&self, _: u32, _: &str, _: Duration) -> Result<Option<std::os::fd::OwnedFd>> {
+            Ok(None)
+        }
+        fn udp_sockets(&self, _: u32) -> Result<Vec<speakers::UdpSocket>> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn a_failing_step_does_not_end_the_round() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let access = Arc::new(Flaky::default());
+        let mut discoverer = Discoverer::with_access(Scope::Current, Arc::clone(&access) as Arc<dyn Privileged>);
+        // Nothing listed yet: nothing to go on with.
+        access.namespaces_fail.store(true, Relaxed);
+        assert!(discoverer.discover().is_err());
+        access.namespaces_fail.store(false, Relaxed);
+        // A TUN link the last scan did not see (gone now): a scan is due.
+        discoverer.tun_links.insert((0, 0, "gone0".into()));
+        access.holders_fail.store(true, Relaxed);
+        let own = netns::own_inode().unwrap();
+        let topology = discoverer.discover().expect("the round goes on without TUN holders");
+        assert!(topology.namespaces.contains_key(&own), "links and rules were still read");
+        assert_eq!(discoverer.failing_steps.0.len(), 1, "the failure is remembered, so logged once");
+        // Still failing: retried every round (logged once); then it works.
+        discoverer.discover().unwrap();
+        assert_eq!(access.holder_scans.load(Relaxed), 2);
+        access.holders_fail.store(false, Relaxed);
+        discoverer.discover().unwrap();
+        assert!(discoverer.failing_steps.0.is_empty(), "its recovery is noted");
+        discoverer.discover().unwrap();
+        assert_eq!(access.holder_scans.load(Relaxed), 3, "no rescan once the scan matches the links");
+        // Listing fails later: the last list is used.
+        access.namespaces_fail.store(true, Relaxed);
+        let topology = discoverer.discover().expect("the last listing stands in");
+        assert!(topology.namespaces.contains_key(&own));
     }
 
     #[test]

@@ -163,8 +163,13 @@ pub fn connect_checked(path_fd: &OwnedFd, holder: u32, deadline: Instant) -> Res
         match err.raw_os_error() {
             // A full backlog: a stream socket that does not accept.
             Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => {
+                if Instant::now() >= deadline {
+                    bail!(
+                        "connecting: its listen queue stayed full for {} ms (it accepts no connection)",
+                        DEADLINE.as_millis()
+                    );
+                }
                 std::thread::sleep(Duration::from_millis(10));
-                remaining_ms(deadline).context("connecting")?;
             }
             Some(libc::EINTR) => {}
             _ => return Err(err).context("connecting"),
