@@ -53,6 +53,10 @@ pub const IPPROTO_RAW: u16 = 255;
 /// Known peers (tunnel socket and endpoint) the kernel side counts. Only
 /// userspace adds to this map, from the discovered topology.
 pub const PEER_MAP_ENTRIES: u32 = 4096;
+/// Each CPU remembers its last few `PEERS` answers, so that a tunnel's
+/// packets (and its socket's route lookups) find their peer in a handful of
+/// plain loads instead of a hash lookup each. Direct-mapped by ports.
+pub const PEER_CACHE_WAYS: u32 = 8;
 /// Paths (peer, device, mark, direction) and route decisions (peer, mark,
 /// table). Entries exist only for known peers, so these fill only with real
 /// paths; LRU eviction keeps even a pathological host bounded.
@@ -180,6 +184,16 @@ pub struct PeerKey {
     pub remote_port: u16,
     pub _pad: u16,
     pub remote: [u8; 16],
+}
+
+/// One way of the per-CPU peer cache: a `PEERS` answer, valid while the
+/// map's generation (bumped by userspace on every change) is unchanged.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerCacheEntry {
+    pub key: PeerKey,
+    pub slot: u32,
+    pub generation: u32,
 }
 
 /// One path of one known peer's transport: where (device, direction) and

@@ -38,11 +38,11 @@ use wgtrace_common::{
     COUNTER_FORGED, COUNTER_PATHS_FULL, COUNTER_READ_ERRORS, COUNTER_SLOTS, CandidateEvent, CandidateKey, DIR_EGRESS,
     DIR_INGRESS, DeviceKey, EVENT_CANDIDATE, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT,
     EVENT_TRANSMIT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
-    OFFSET_UNAVAILABLE, PATH_MAP_ENTRIES, PEER_MAP_ENTRIES, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST,
-    PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerKey, PlaintextEvent,
-    RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW, TRANSMIT_BY_LENGTH,
-    TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent, TransmitKey,
-    TransmitOrigin, ciphertext_length,
+    OFFSET_UNAVAILABLE, PATH_MAP_ENTRIES, PEER_CACHE_WAYS, PEER_MAP_ENTRIES, PLAINTEXT_ECHO_REPLY,
+    PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats,
+    PeerCacheEntry, PeerKey, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats,
+    SOCK_RAW, TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL,
+    TransmitEvent, TransmitKey, TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -58,6 +58,15 @@ static TUNNEL_PORT_BITS: Array<u64> = Array::with_max_entries(PORT_BITMAP_SLOTS,
 /// Known peers by tunnel socket and endpoint, to their slot number.
 #[map]
 static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(PEER_MAP_ENTRIES, 0);
+
+/// Bumped by userspace after every change to `PEERS`: a cached answer
+/// from an older generation is asked again.
+#[map]
+static PEERS_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Each CPU's last `PEERS` answers (see [`peer_slot`]).
+#[map]
+static PEER_CACHE: PerCpuArray<PeerCacheEntry> = PerCpuArray::with_max_entries(PEER_CACHE_WAYS, 0);
 
 /// Candidate speakers' sockets (namespace, port) to userspace's candidate
 /// number: UDP sockets of TUN holders without a UAPI. Only their handshake
@@ -148,6 +157,39 @@ fn tunnel_port(port: u16) -> bool {
         Some(bits) => *bits & (1u64 << (port & 63)) != 0,
         None => false,
     }
+}
+
+/// The slot of the known peer `peer` names, if any. A tunnel's packets and
+/// its socket's route lookups come in runs of the same peer on a CPU, so
+/// the answer is cached per CPU, direct-mapped by ports: a hit costs a few
+/// plain loads and compares, a miss or a stale generation one `PEERS`
+/// lookup. Only hits are cached: a packet of no known peer leaves nothing.
+#[inline(always)]
+fn peer_slot(peer: &PeerKey) -> Option<u32> {
+    let generation = match PEERS_GENERATION.get(0) {
+        Some(generation) => *generation,
+        None => 0,
+    };
+    let way = ((peer.local_port ^ peer.remote_port) as u32 ^ peer.remote[3] as u32 ^ peer.remote[15] as u32)
+        & (PEER_CACHE_WAYS - 1);
+    let entry = PEER_CACHE.get_ptr_mut(way)?;
+    // Compared as words: no memcmp in BPF.
+    let wanted: [u32; 7] = unsafe { core::ptr::read_unaligned(peer as *const PeerKey as *const [u32; 7]) };
+    let cached: [u32; 7] = unsafe { core::ptr::read_unaligned(&(*entry).key as *const PeerKey as *const [u32; 7]) };
+    let mut difference = unsafe { (*entry).generation } ^ generation;
+    for i in 0..7 {
+        difference |= wanted[i] ^ cached[i];
+    }
+    if difference == 0 {
+        return Some(unsafe { (*entry).slot });
+    }
+    let slot = *unsafe { PEERS.get(peer) }?;
+    unsafe {
+        (*entry).key = *peer;
+        (*entry).slot = slot;
+        (*entry).generation = generation;
+    }
+    Some(slot)
 }
 
 #[inline(always)]

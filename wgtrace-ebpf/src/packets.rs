@@ -4,12 +4,12 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// The headers of an IPv4 packet without options, read in one go: the IP
-/// header, then the first 20 bytes of UDP (8 of header, WireGuard's 12-byte
-/// message prefix), TCP or ICMP.
-const IPV4_READ: usize = 40;
-/// The same after IPv6's fixed header.
-const IPV6_READ: usize = 60;
+/// What the gate reads, for either family, in one go: the IP header (IPv4
+/// without options, or IPv6's fixed one), then the first 20 bytes of UDP
+/// (8 of header, WireGuard's 12-byte message prefix), TCP or ICMP. Aligned
+/// so that it moves in words.
+#[repr(C, align(8))]
+pub(crate) struct Header([u8; 64]);
 const L4_READ: usize = 8 + HEADER_PREFIX_LEN;
 
 /// The IP-level facts every later step needs.
@@ -29,10 +29,12 @@ pub(crate) struct Packet {
 }
 
 /// The gate every packet on the host passes: the ethertype, one read of
-/// the IP header and ports, then one bit of the port bitmap (or the device
-/// type, for plaintext probes). Kept apart from the rest, which is a
-/// separate BPF function, so that the compiler cannot pull the later steps'
-/// work in front of the test.
+/// the IP header and the first transport bytes, then one bit of the port
+/// bitmap, or for plaintext probes the device type and the message kind
+/// (only echo requests and replies, SYN and SYN-ACK are timed, so a TUN
+/// device's bulk TCP leaves here). Kept apart from the rest, which is a
+/// separate BPF function given the bytes already read, so that the
+/// compiler cannot pull the later steps' work in front of the test.
 #[inline(always)]
 pub(crate) fn on_packet(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
     let ethertype: u16 = load(skb, offset!(skb_protocol));
@@ -40,33 +42,59 @@ pub(crate) fn on_packet(skb: *const u8, dev: *const u8, direction: u8) -> Result
         return Ok(());
     }
     let l3 = network_header(skb, direction);
-    let (protocol, ports) = if ethertype == ETH_P_IP_RAW {
-        let header: [u8; 24] = read(l3, 0)?;
-        // Without IP options the ports follow at 20; anything else is
-        // rare enough to take the long way.
-        if header[0] != 0x45 {
-            return inspect(skb, dev, direction);
+    // One read for either family, straight into an aligned buffer: no
+    // zeroing or byte copies (BPF has no memset or memcpy, and the
+    // compiler's stand-ins are byte loops). Past a short packet's end the
+    // bytes are the skb's tailroom or shared info: still its allocation.
+    let mut buffer = core::mem::MaybeUninit::<Header>::uninit();
+    let status = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            buffer.as_mut_ptr() as *mut _,
+            core::mem::size_of::<Header>() as u32,
+            l3 as *const _,
+        )
+    };
+    if status != 0 {
+        count(COUNTER_READ_ERRORS);
+        return Ok(());
+    }
+    // Written in full by the helper (the verifier knows it).
+    let header = unsafe { buffer.assume_init_ref() };
+    let bytes = &header.0;
+    // The transport's first bytes: after IPv4 without options or IPv6's
+    // fixed header; anything else takes the long way. Fixed indices only,
+    // so that there is no bounds check for the verifier to refuse.
+    let (protocol, l4) = if ethertype == ETH_P_IP_RAW {
+        if bytes[0] != 0x45 {
+            return inspect(skb, dev, direction, header);
         }
-        (header[9], [header[20], header[21], header[22], header[23]])
+        (bytes[9], [bytes[20], bytes[21], bytes[22], bytes[23], bytes[33]])
     } else {
-        let header: [u8; 44] = read(l3, 0)?;
-        (header[6], [header[40], header[41], header[42], header[43]])
+        (bytes[6], [bytes[40], bytes[41], bytes[42], bytes[43], bytes[53]])
     };
     let worth_a_look = match protocol {
         IPPROTO_UDP => {
-            let local = if direction == DIR_EGRESS { [ports[0], ports[1]] } else { [ports[2], ports[3]] };
+            let local = if direction == DIR_EGRESS { [l4[0], l4[1]] } else { [l4[2], l4[3]] };
             tunnel_port(u16::from_be_bytes(local))
         }
-        IPPROTO_TCP | IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let device_type: u16 = load(dev, offset!(net_device_type));
-            device_type == ARPHRD_NONE
-        }
+        // SYN, or SYN-ACK.
+        IPPROTO_TCP => l4[4] & 0x02 != 0 && on_tunnel_device(dev),
+        IPPROTO_ICMP => (l4[0] == 8 || l4[0] == 0) && on_tunnel_device(dev),
+        IPPROTO_ICMPV6 => (l4[0] == 128 || l4[0] == 129) && on_tunnel_device(dev),
         _ => false,
     };
     if !worth_a_look {
         return Ok(());
     }
-    inspect(skb, dev, direction)
+    inspect(skb, dev, direction, header)
+}
+
+/// WireGuard and TUN devices have no link layer: only there are
+/// plaintext probes timed (userspace's `TUNNEL_DEVICES` decides which).
+#[inline(always)]
+fn on_tunnel_device(dev: *const u8) -> bool {
+    let device_type: u16 = load(dev, offset!(net_device_type));
+    device_type == ARPHRD_NONE
 }
 
 /// On transmit the stack has set the network header; on receive the
@@ -82,9 +110,11 @@ fn network_header(skb: *const u8, direction: u8) -> *const u8 {
     }
 }
 
-/// A packet the gate let through: parsed in full and handled.
+/// A packet the gate let through, with the bytes it read: parsed in full
+/// and handled.
 #[inline(never)]
-fn inspect(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
+fn inspect(skb: *const u8, dev: *const u8, direction: u8, header: &Header) -> Result<(), ()> {
+    let header = &header.0;
     let ethertype: u16 = load(skb, offset!(skb_protocol));
     let l3 = network_header(skb, direction);
     let mut packet = Packet {
@@ -100,8 +130,6 @@ fn inspect(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
         l4_bytes: [0; L4_READ],
     };
     if ethertype == ETH_P_IP_RAW {
-        // Read again, in full: only packets past the gate get here.
-        let header: [u8; IPV4_READ] = read(l3, 0)?;
         let ihl = ((header[0] & 0x0f) as usize) * 4;
         let not_first_fragment = (header[6] & 0x1f) != 0 || header[7] != 0;
         if header[0] >> 4 != 4 || ihl < 20 || not_first_fragment {
@@ -116,11 +144,11 @@ fn inspect(skb: *const u8, dev: *const u8, direction: u8) -> Result<(), ()> {
         if ihl == 20 {
             packet.l4_bytes.copy_from_slice(&header[20..20 + L4_READ]);
         } else {
-            // IP options (rare): the transport header is further on.
+            // IP options (rare): the transport header is further on, and
+            // the gate could not test it.
             packet.l4_bytes = read(packet.l4, 0)?;
         }
     } else {
-        let header: [u8; IPV6_READ] = read(l3, 0)?;
         // Only a transport header directly after the fixed header; extension
         // headers are rare on tunnel transport and not followed here.
         if header[0] >> 4 != 6 {
@@ -176,7 +204,7 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
         remote: if egress { packet.daddr } else { packet.saddr },
     };
     // Only a known tunnel socket talking to a known endpoint goes on.
-    let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
+    let Some(slot) = peer_slot(&peer) else {
         return super::speakers::on_candidate(packet, &peer, udp_length);
     };
     // Everything between a tunnel's socket and its peer's endpoint is that
@@ -192,7 +220,7 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
     };
     let ifindex: u32 = load(packet.dev, offset!(net_device_ifindex));
     let key = PathKey {
-        peer: *slot,
+        peer: slot,
         ifindex,
         mark: load(packet.skb, offset!(skb_mark)),
         direction: packet.direction,

@@ -1,5 +1,13 @@
 //! Routing decisions: the FIB hooks, gated on the listen-port bitmap like
 //! the packet hooks, recording known peers' lookups per (peer, mark, table).
+//! Only output lookups matter (a tunnel socket's route); the kernel marks
+//! them with the loopback device as input device, so every received
+//! packet's input lookup (which names the sender's port, often a tunnel
+//! port too) leaves after two plain loads.
+
+/// `LOOPBACK_IFINDEX`: the input device of every output route lookup
+/// (`ip_route_output_key_hash`, `ip6_route_output_flags`).
+const LOOPBACK_IFINDEX: i32 = 1;
 
 #[allow(unused_imports)]
 use super::*;
@@ -12,7 +20,8 @@ use super::*;
 pub(crate) fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let flow: *const u8 = ctx.arg(1);
     let protocol: u8 = load(flow, offset!(flowi4_proto));
-    if protocol != IPPROTO_UDP {
+    let input_device: i32 = load(flow, offset!(flowi4_iif));
+    if protocol != IPPROTO_UDP || input_device != LOOPBACK_IFINDEX {
         return Ok(());
     }
     let sport = u16::from_be(load(flow, offset!(flowi4_sport)));
@@ -32,10 +41,10 @@ pub(crate) fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     };
     let daddr = load::<u32>(flow, offset!(flowi4_daddr)).to_ne_bytes();
     peer.remote[..4].copy_from_slice(&daddr);
-    let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
+    let Some(slot) = peer_slot(&peer) else {
         return Ok(());
     };
-    let key = RouteKey { peer: *slot, mark: load(flow, offset!(flowi4_mark)), table: ctx.arg(0), _pad: 0 };
+    let key = RouteKey { peer: slot, mark: load(flow, offset!(flowi4_mark)), table: ctx.arg(0), _pad: 0 };
     record_route(&key, device, error)
 }
 
@@ -44,7 +53,8 @@ pub(crate) fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
 pub(crate) fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let flow: *const u8 = ctx.arg(3);
     let protocol: u8 = load(flow, offset!(flowi6_proto));
-    if protocol != IPPROTO_UDP {
+    let input_device: i32 = load(flow, offset!(flowi6_iif));
+    if protocol != IPPROTO_UDP || input_device != LOOPBACK_IFINDEX {
         return Ok(());
     }
     let sport = u16::from_be(load(flow, offset!(flowi6_sport)));
@@ -62,11 +72,11 @@ pub(crate) fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
         remote: read(flow, offset!(flowi6_daddr))?,
         ..PeerKey::default()
     };
-    let Some(slot) = (unsafe { PEERS.get(&peer) }) else {
+    let Some(slot) = peer_slot(&peer) else {
         return Ok(());
     };
     let key = RouteKey {
-        peer: *slot,
+        peer: slot,
         mark: load(flow, offset!(flowi6_mark)),
         table: if table.is_null() { 0 } else { load(table, offset!(fib6_table_id)) },
         _pad: 0,

@@ -90,6 +90,8 @@ pub struct Tracer {
     peers: PeerSlots,
     /// The port bitmap as last written, to rewrite only changed slots.
     port_bits: Vec<u64>,
+    /// `PEERS_GENERATION` as last written (0: PEERS never written).
+    peers_generation: u32,
 }
 
 impl Tracer {
@@ -149,6 +151,7 @@ impl Tracer {
             links,
             peers: PeerSlots::default(),
             port_bits: vec![0; PORT_BITMAP_SLOTS as usize],
+            peers_generation: 0,
         })
     }
 
@@ -271,13 +274,23 @@ impl Tracer {
         let mut peers: aya::maps::HashMap<_, PeerKey, u32> =
             aya::maps::HashMap::try_from(self.ebpf.map_mut("PEERS").context("PEERS map missing")?)?;
         let stale: Vec<PeerKey> = peers.keys().filter_map(Result::ok).filter(|k| !wanted.contains_key(k)).collect();
+        let mut changed = !stale.is_empty();
         for key in stale {
             let _ = peers.remove(&key);
         }
         for (key, slot) in &wanted {
             if peers.get(key, 0).ok() != Some(*slot) {
                 peers.insert(key, slot, 0).context("updating PEERS")?;
+                changed = true;
             }
+        }
+        if changed {
+            // Each CPU's cached PEERS answers are from an older generation now.
+            self.peers_generation = self.peers_generation.wrapping_add(1).max(1);
+            let mut generation: aya::maps::Array<_, u32> = aya::maps::Array::try_from(
+                self.ebpf.map_mut("PEERS_GENERATION").context("PEERS_GENERATION map missing")?,
+            )?;
+            generation.set(0, self.peers_generation, 0).context("updating PEERS_GENERATION")?;
         }
 
         let bits = peers::port_bitmap(topology);
