@@ -1,7 +1,8 @@
 //! The remedy per cause, each verified with RTM_GETROUTE before it is shown
 //! (a route question with the new mark, or a dump of the table a new rule
 //! would look up), and written in the form of the manager owning the tunnel
-//! being fixed.
+//! being fixed. Routes and rules are those of the namespace the transport
+//! is routed in (`Topology::transport_netns`).
 
 use std::net::IpAddr;
 
@@ -185,18 +186,19 @@ pub fn existing_mark(
     oracle: &dyn RouteOracle,
     kind: FixKind,
 ) -> Option<Fix> {
+    let netns = topology.transport_netns(tunnel);
     let mut candidates: Vec<u32> = preferred.iter().copied().filter(|m| *m != 0).collect();
-    if let Some(ns) = topology.namespaces.get(&tunnel.netns) {
+    if let Some(ns) = topology.namespaces.get(&netns) {
         candidates.extend(ns.rules_v4.iter().chain(&ns.rules_v6).filter_map(|r| r.fwmark).filter(|m| *m != 0));
     }
     candidates.dedup();
     candidates.into_iter().filter(|m| *m != query.mark).find_map(|mark| {
-        let answer = oracle.route_get(tunnel.netns, UdpQuery { mark, ..query }).ok()?;
+        let answer = oracle.route_get(netns, UdpQuery { mark, ..query }).ok()?;
         let oif = answer.oif?;
-        if path::is_tunnel(topology, tunnel.netns, oif) {
+        if path::is_tunnel(topology, netns, oif) {
             return None; // still inside some tunnel
         }
-        let egress = topology.link_name(tunnel.netns, oif)?.to_owned();
+        let egress = topology.link_name(netns, oif)?.to_owned();
         let forms = mark_forms(&tunnel.interface, mark);
         let commands = vec![forms.wg_set.clone()];
         Some(build(kind, mark, egress, answer.table, manager, forms, commands))
@@ -266,8 +268,9 @@ pub fn manager_mark_rule(
     destination: IpAddr,
     oracle: &dyn RouteOracle,
 ) -> Option<Fix> {
-    let route = physical_route(topology, oracle, tunnel.netns, MAIN, destination)?;
-    let egress = topology.link_name(tunnel.netns, route.oif?)?.to_owned();
+    let netns = topology.transport_netns(tunnel);
+    let route = physical_route(topology, oracle, netns, MAIN, destination)?;
+    let egress = topology.link_name(netns, route.oif?)?.to_owned();
     let selector = if mask == u32::MAX { format!("{mark:#x}") } else { format!("{mark:#x}/{mask:#x}") };
     let priority = above(capturing_priority);
     let (mut forms, commands) = rule_forms(outer_name, &selector, MAIN, priority, None, None);
@@ -293,9 +296,10 @@ pub fn mark_and_rule(
     kind: FixKind,
 ) -> Option<Fix> {
     let device = tunnel.device.as_ref()?;
+    let netns = topology.transport_netns(tunnel);
     let tested: Vec<u32> = topology
         .namespaces
-        .get(&tunnel.netns)
+        .get(&netns)
         .map(|ns| ns.rules_v4.iter().chain(&ns.rules_v6).filter_map(|r| r.fwmark).collect())
         .unwrap_or_default();
     // Keep the tunnel's own mark when it has one; else its port, unless a
@@ -307,16 +311,16 @@ pub fn mark_and_rule(
     };
     let set_mark = (device.fwmark == 0).then_some(mark);
     let priority = above(capturing_priority);
-    let (table, route, verified) = match physical_route(topology, oracle, tunnel.netns, MAIN, destination) {
+    let (table, route, verified) = match physical_route(topology, oracle, netns, MAIN, destination) {
         Some(route) if route.prefix_len == 0 || kind == FixKind::OneDefaultRoute => (MAIN, None, route),
         _ => {
-            let default = physical_default(topology, oracle, tunnel.netns, destination.is_ipv4())?;
-            let device_name = topology.link_name(tunnel.netns, default.oif?)?.to_owned();
+            let default = physical_default(topology, oracle, netns, destination.is_ipv4())?;
+            let device_name = topology.link_name(netns, default.oif?)?.to_owned();
             let via = default.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
             (BYPASS_TABLE, Some(format!("default{via} dev {device_name}")), default)
         }
     };
-    let egress = topology.link_name(tunnel.netns, verified.oif?)?.to_owned();
+    let egress = topology.link_name(netns, verified.oif?)?.to_owned();
     let (forms, commands) =
         rule_forms(&tunnel.interface, &mark.to_string(), table, priority, set_mark, route.as_deref());
     Some(build(kind, mark, egress, Some(table), manager, forms, commands))
@@ -331,8 +335,9 @@ pub fn exclude_endpoint(
     destination: IpAddr,
     oracle: &dyn RouteOracle,
 ) -> Option<Fix> {
-    let default = physical_default(topology, oracle, tunnel.netns, destination.is_ipv4())?;
-    let device_name = topology.link_name(tunnel.netns, default.oif?)?.to_owned();
+    let netns = topology.transport_netns(tunnel);
+    let default = physical_default(topology, oracle, netns, destination.is_ipv4())?;
+    let device_name = topology.link_name(netns, default.oif?)?.to_owned();
     let via = default.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
     let host = if destination.is_ipv4() { 32 } else { 128 };
     let family = if destination.is_ipv4() { "" } else { "-6 " };

@@ -125,6 +125,10 @@ pub struct Topology {
     /// (netns inode, interface) -> (PID, process name) holding a TUN or TAP
     /// device, WireGuard or not: who owns a tunnel another one rides in.
     pub tun_holders: BTreeMap<(u64, String), (u32, String)>,
+    /// (netns inode, ifindex) of a kernel tunnel moved out of the namespace
+    /// it was created in -> that namespace, where its socket stayed and its
+    /// transport is routed ([`netns::SocketPlace`]). Absent: its own.
+    pub transport_netns: BTreeMap<(u64, u32), u64>,
 }
 
 /// Which namespaces to look at.
@@ -172,6 +176,11 @@ impl Topology {
             format!("{:?}{:?}", namespace.rules_v4, namespace.rules_v6).hash(&mut hasher);
         }
         hasher.finish()
+    }
+
+    /// The namespace whose routing carries `tunnel`'s encrypted transport.
+    pub fn transport_netns(&self, tunnel: &Tunnel) -> u64 {
+        self.transport_netns.get(&(tunnel.netns, tunnel.ifindex)).copied().unwrap_or(tunnel.netns)
     }
 
     pub fn tunnel_on_ifindex(&self, netns: u64, ifindex: u32) -> Option<&Tunnel> {
@@ -255,6 +264,8 @@ pub struct Discoverer {
     /// `--netns NAME` was found once: its vanishing is then not an error.
     named_seen: bool,
     named_gone_logged: bool,
+    /// Where kernel tunnels' sockets were found, as last logged.
+    placements_logged: HashMap<(u64, String), String>,
 }
 
 /// One namespace's netlink sockets. Holding them keeps the namespace (and
@@ -268,6 +279,8 @@ struct NamespaceSockets {
     wireguard: Option<genl::Wireguard>,
     /// Subscribed to link and rule notifications ([`Discoverer::wait`]).
     changes: Option<std::os::fd::OwnedFd>,
+    /// Socket listings, opened once a kernel tunnel's socket is looked for.
+    diag: Option<netlink::Socket>,
 }
 
 impl Discoverer {
@@ -290,6 +303,7 @@ impl Discoverer {
             logged: HashMap::new(),
             named_seen: false,
             named_gone_logged: false,
+            placements_logged: HashMap::new(),
         }
     }
 
@@ -437,6 +451,7 @@ impl Discoverer {
             }
         }
         topology.candidates = self.candidates(&topology, no_uapi);
+        topology.transport_netns = self.transport_namespaces(&topology);
         // Backoff and what was logged are kept only for tunnels that still
         // exist: holders that come and go must not grow them.
         let present: HashSet<(u32, &str)> =
@@ -555,6 +570,7 @@ impl Discoverer {
                     oracle: Arc::new(Mutex::new(netlink::Socket::from_fd(open()?))),
                     wireguard: None,
                     changes: changes.ok(),
+                    diag: None,
                 })
             }
         };
@@ -587,6 +603,24 @@ impl Discoverer {
             }
         }
         Ok((links, rules_v4, rules_v6, kernel_devices, Arc::clone(&sockets.oracle)))
+    }
+
+    /// Where kernel tunnels' sockets live, over a sock_diag socket kept per
+    /// namespace (see [`netns::transport_namespaces`]).
+    fn transport_namespaces(&mut self, topology: &Topology) -> BTreeMap<(u64, u32), u64> {
+        let (access, sockets) = (&self.access, &mut self.sockets);
+        netns::transport_namespaces(topology, &mut self.placements_logged, |inode, port| {
+            let handle = &topology.namespaces.get(&inode).context("namespace vanished")?.handle;
+            let sockets = sockets.get_mut(&inode).context("namespace vanished")?;
+            if sockets.diag.is_none() {
+                let fd = access.netns_socket(handle, inode, netlink::NETLINK_SOCK_DIAG)?;
+                sockets.diag = Some(netlink::Socket::from_fd(fd));
+            }
+            let diag = sockets.diag.as_mut().context("no sock_diag socket")?;
+            let mut found = diag.udp_bound(netlink::AF_INET, port)?;
+            found.extend(diag.udp_bound(netlink::AF_INET6, port)?);
+            Ok(found)
+        })
     }
 
     /// Whether its privileged access was ended on purpose (the run is over).
