@@ -174,6 +174,38 @@ fn build(
     }
 }
 
+/// A moved kernel interface's routes and rules are those of its socket's
+/// namespace: the `ip` commands are aimed there (`ip -n NAME`, or `nsenter
+/// --net=/proc/PID/ns/net` for a namespace without a name), unless that is
+/// the namespace wgtrace runs in; `wg` commands stay with the interface.
+fn aimed(mut fix: Fix, topology: &Topology, tunnel: &Tunnel) -> Fix {
+    let netns = topology.transport_netns(tunnel);
+    if netns == tunnel.netns || netns == topology.own_netns {
+        return fix;
+    }
+    let Some(handle) = topology.namespaces.get(&netns).and_then(|ns| ns.handle.to_str()) else { return fix };
+    let prefix = match handle.strip_prefix("/run/netns/") {
+        Some(name) => format!("ip -n {name} "),
+        None if handle.starts_with("/proc/") && !handle.starts_with("/proc/self/") => {
+            format!("nsenter --net={handle} ip ")
+        }
+        None => return fix,
+    };
+    let before = fix.commands.join("; ");
+    fix.commands = fix
+        .commands
+        .iter()
+        .map(|c| c.strip_prefix("ip ").map_or_else(|| c.clone(), |rest| format!("{prefix}{rest}")))
+        .collect();
+    if fix.wg_set == before {
+        fix.wg_set = fix.commands.join("; ");
+    }
+    if fix.how == before {
+        fix.how = fix.wg_set.clone();
+    }
+    fix
+}
+
 /// A mark that an existing rule honours: the outer tunnel's own mark first
 /// (what its bypass rule exempts), then every mark the rules test for.
 /// Each is asked of the kernel before it is suggested.
@@ -201,7 +233,7 @@ pub fn existing_mark(
         let egress = topology.link_name(netns, oif)?.to_owned();
         let forms = mark_forms(&tunnel.interface, mark);
         let commands = vec![forms.wg_set.clone()];
-        Some(build(kind, mark, egress, answer.table, manager, forms, commands))
+        Some(aimed(build(kind, mark, egress, answer.table, manager, forms, commands), topology, tunnel))
     })
 }
 
@@ -278,7 +310,8 @@ pub fn manager_mark_rule(
         "\n(or bring {outer_name} up before {}: its rules then land below the manager's)",
         tunnel.interface
     ));
-    Some(build(FixKind::Rule, mark, egress, Some(MAIN), outer_manager.or(Some(Manager::WgQuick)), forms, commands))
+    let fix = build(FixKind::Rule, mark, egress, Some(MAIN), outer_manager.or(Some(Manager::WgQuick)), forms, commands);
+    Some(aimed(fix, topology, tunnel))
 }
 
 /// A mark for the tunnel plus a rule (and, when main itself leads into a
@@ -323,7 +356,7 @@ pub fn mark_and_rule(
     let egress = topology.link_name(netns, verified.oif?)?.to_owned();
     let (forms, commands) =
         rule_forms(&tunnel.interface, &mark.to_string(), table, priority, set_mark, route.as_deref());
-    Some(build(kind, mark, egress, Some(table), manager, forms, commands))
+    Some(aimed(build(kind, mark, egress, Some(table), manager, forms, commands), topology, tunnel))
 }
 
 /// An endpoint inside the tunnel's own AllowedIPs: a host route for it via
@@ -357,5 +390,6 @@ pub fn exclude_endpoint(
             "nmcli connection modify {name} -wireguard.peer-routes   # or exclude {destination} from allowed-ips"
         ),
     };
-    Some(build(FixKind::ExcludeEndpoint, 0, device_name, Some(MAIN), manager, forms, vec![add]))
+    let fix = build(FixKind::ExcludeEndpoint, 0, device_name, Some(MAIN), manager, forms, vec![add]);
+    Some(aimed(fix, topology, tunnel))
 }
