@@ -158,8 +158,8 @@ mod moved {
         }
     }
 
-    /// `wgtrace run --json` while both moved tunnels carry pings.
-    pub fn run_report() -> Result<serde_json::Value> {
+    /// `wgtrace run --json EXTRA` while both moved tunnels carry pings.
+    pub fn run_report(seconds: f64, extra: &[&str]) -> Result<serde_json::Value> {
         let mut pings = Vec::new();
         for address in ["10.77.0.2", "10.78.0.2"] {
             pings.push(
@@ -169,7 +169,7 @@ mod moved {
                     .spawn()?,
             );
         }
-        let report = Trace::start(4.0, &[])?.report();
+        let report = Trace::start(seconds, extra)?.report();
         for mut ping in pings {
             let _ = ping.kill();
             let _ = ping.wait();
@@ -204,9 +204,12 @@ fn a_kernel_interface_moved_to_another_namespace_is_judged_where_its_socket_is()
         return;
     }
     let _setup = moved::Setup::up().unwrap();
-    let run = moved::run_report().unwrap();
+    let run = moved::run_report(4.0, &[]).unwrap();
+    // The privileged helper opens the sock_diag sockets after the drop.
+    // (Attaching under emulation is slow, and discovery starts after it.)
+    let dropped = moved::run_report(12.0, &["--drop-privileges"]).unwrap();
     let (code, check) = moved::check_report().unwrap();
-    for (command, report) in [("run", &run), ("check", &check)] {
+    for (command, report) in [("run", &run), ("run --drop-privileges", &dropped), ("check", &check)] {
         let direct = moved::tunnel(report, "wgmv");
         assert_eq!(direct["implementation"], "kernel", "{command}: {direct:#}");
         let peer = &direct["peers"][0];
@@ -244,8 +247,8 @@ fn a_kernel_interface_moved_to_another_namespace_is_judged_where_its_socket_is()
         .collect();
     assert_eq!(problems, vec![("wgmn", "mtu")], "{check:#}");
     assert_eq!(code, 1, "the MTU warning is the one problem: {check:#}");
-    for interface in ["wgmv", "wgmn"] {
-        let transport = &moved::tunnel(&run, interface)["peers"][0]["transport"];
+    for (report, interface) in [(&run, "wgmv"), (&run, "wgmn"), (&dropped, "wgmv")] {
+        let transport = &moved::tunnel(report, interface)["peers"][0]["transport"];
         assert!(transport["packets"].as_u64().unwrap() > 0, "run saw {interface}'s packets: {transport:#}");
     }
 }
