@@ -617,8 +617,12 @@ impl Discoverer {
                 sockets.diag = Some(netlink::Socket::from_fd(fd));
             }
             let diag = sockets.diag.as_mut().context("no sock_diag socket")?;
+            // WireGuard binds both families; IPv6 is asked only when needed
+            // (and may be disabled).
             let mut found = diag.udp_bound(netlink::AF_INET, port)?;
-            found.extend(diag.udp_bound(netlink::AF_INET6, port)?);
+            if !found.iter().any(|s| s.local.is_unspecified()) {
+                found.extend(diag.udp_bound(netlink::AF_INET6, port).unwrap_or_default());
+            }
             Ok(found)
         })
     }
