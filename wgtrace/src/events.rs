@@ -297,6 +297,8 @@ mod tests {
             interface: "wg1".into(),
             netns: "wgtlab-client".into(),
             netns_inode: 7,
+            transport_netns: "wgtlab-client".into(),
+            transport_netns_inode: 7,
             ifindex: 4,
             implementation: crate::topology::Implementation::Userspace,
             discovered_by: crate::topology::DiscoveredBy::Uapi,

@@ -19,7 +19,8 @@ use crate::vm::{self, VmOptions};
 pub const SUITES: &[&str] = &["nesting", "check", "kernel", "counting"];
 
 /// The suites to run: all of [`SUITES`], or those named (comma-separated)
-/// in WGTRACE_VM_SUITES, for a quicker look at one of them.
+/// in WGTRACE_VM_SUITES, for a quicker look at one of them
+/// (WGTRACE_VM_TEST_FILTER narrows them to tests whose names contain it).
 fn selected() -> Vec<&'static str> {
     match std::env::var("WGTRACE_VM_SUITES") {
         Ok(names) if !names.trim().is_empty() => {
@@ -66,6 +67,7 @@ fn guest_script(workspace: &Path, wgtrace: &Path, helper: &Path, binaries: &[(St
          WGTRACE_BIN='{wgtrace}' WGTRACE_LAB_HELPER='{helper}'\n\
          cd '{workspace}'\n\
          modprobe wireguard || exit 90\n\
+         modprobe -q udp_diag || echo 'udp_diag: not loaded (moved kernel interfaces cannot be placed)'\n\
          modprobe tun && mkdir -p /dev/net && {{ [ -e /dev/net/tun ] || mknod /dev/net/tun c 10 200; }}\n\
          echo \"guest kernel $(uname -r), kprobes: $(test -d /sys/kernel/debug/kprobes && echo yes || echo no)\"\n\
          failed=0\n",
@@ -73,8 +75,17 @@ fn guest_script(workspace: &Path, wgtrace: &Path, helper: &Path, binaries: &[(St
         helper = helper.display(),
         workspace = workspace.display(),
     );
+    // WGTRACE_VM_TEST_FILTER: only the tests whose names contain it.
+    let filter = std::env::var("WGTRACE_VM_TEST_FILTER")
+        .ok()
+        .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .map(|f| format!(" '{f}'"))
+        .unwrap_or_default();
     for (name, binary) in binaries {
-        script.push_str(&format!("echo \"== vm suite {name}\"\n'{}' --test-threads=1 || failed=1\n", binary.display()));
+        script.push_str(&format!(
+            "echo \"== vm suite {name}\"\n'{}' --test-threads=1{filter} || failed=1\n",
+            binary.display()
+        ));
     }
     script.push_str("exit $failed\n");
     script

@@ -1,7 +1,8 @@
 //! The remedy per cause, each verified with RTM_GETROUTE before it is shown
 //! (a route question with the new mark, or a dump of the table a new rule
 //! would look up), and written in the form of the manager owning the tunnel
-//! being fixed.
+//! being fixed. Routes and rules are those of the namespace the transport
+//! is routed in (`Topology::transport_netns`).
 
 use std::net::IpAddr;
 
@@ -173,6 +174,38 @@ fn build(
     }
 }
 
+/// A moved kernel interface's routes and rules are those of its socket's
+/// namespace: the `ip` commands are aimed there (`ip -n NAME`, or `nsenter
+/// --net=/proc/PID/ns/net` for a namespace without a name), unless that is
+/// the namespace wgtrace runs in; `wg` commands stay with the interface.
+fn aimed(mut fix: Fix, topology: &Topology, tunnel: &Tunnel) -> Fix {
+    let netns = topology.transport_netns(tunnel);
+    if netns == tunnel.netns || netns == topology.own_netns {
+        return fix;
+    }
+    let Some(handle) = topology.namespaces.get(&netns).and_then(|ns| ns.handle.to_str()) else { return fix };
+    let prefix = match handle.strip_prefix("/run/netns/") {
+        Some(name) => format!("ip -n {name} "),
+        None if handle.starts_with("/proc/") && !handle.starts_with("/proc/self/") => {
+            format!("nsenter --net={handle} ip ")
+        }
+        None => return fix,
+    };
+    let before = fix.commands.join("; ");
+    fix.commands = fix
+        .commands
+        .iter()
+        .map(|c| c.strip_prefix("ip ").map_or_else(|| c.clone(), |rest| format!("{prefix}{rest}")))
+        .collect();
+    if fix.wg_set == before {
+        fix.wg_set = fix.commands.join("; ");
+    }
+    if fix.how == before {
+        fix.how = fix.wg_set.clone();
+    }
+    fix
+}
+
 /// A mark that an existing rule honours: the outer tunnel's own mark first
 /// (what its bypass rule exempts), then every mark the rules test for.
 /// Each is asked of the kernel before it is suggested.
@@ -185,21 +218,22 @@ pub fn existing_mark(
     oracle: &dyn RouteOracle,
     kind: FixKind,
 ) -> Option<Fix> {
+    let netns = topology.transport_netns(tunnel);
     let mut candidates: Vec<u32> = preferred.iter().copied().filter(|m| *m != 0).collect();
-    if let Some(ns) = topology.namespaces.get(&tunnel.netns) {
+    if let Some(ns) = topology.namespaces.get(&netns) {
         candidates.extend(ns.rules_v4.iter().chain(&ns.rules_v6).filter_map(|r| r.fwmark).filter(|m| *m != 0));
     }
     candidates.dedup();
     candidates.into_iter().filter(|m| *m != query.mark).find_map(|mark| {
-        let answer = oracle.route_get(tunnel.netns, UdpQuery { mark, ..query }).ok()?;
+        let answer = oracle.route_get(netns, UdpQuery { mark, ..query }).ok()?;
         let oif = answer.oif?;
-        if path::is_tunnel(topology, tunnel.netns, oif) {
+        if path::is_tunnel(topology, netns, oif) {
             return None; // still inside some tunnel
         }
-        let egress = topology.link_name(tunnel.netns, oif)?.to_owned();
+        let egress = topology.link_name(netns, oif)?.to_owned();
         let forms = mark_forms(&tunnel.interface, mark);
         let commands = vec![forms.wg_set.clone()];
-        Some(build(kind, mark, egress, answer.table, manager, forms, commands))
+        Some(aimed(build(kind, mark, egress, answer.table, manager, forms, commands), topology, tunnel))
     })
 }
 
@@ -266,8 +300,9 @@ pub fn manager_mark_rule(
     destination: IpAddr,
     oracle: &dyn RouteOracle,
 ) -> Option<Fix> {
-    let route = physical_route(topology, oracle, tunnel.netns, MAIN, destination)?;
-    let egress = topology.link_name(tunnel.netns, route.oif?)?.to_owned();
+    let netns = topology.transport_netns(tunnel);
+    let route = physical_route(topology, oracle, netns, MAIN, destination)?;
+    let egress = topology.link_name(netns, route.oif?)?.to_owned();
     let selector = if mask == u32::MAX { format!("{mark:#x}") } else { format!("{mark:#x}/{mask:#x}") };
     let priority = above(capturing_priority);
     let (mut forms, commands) = rule_forms(outer_name, &selector, MAIN, priority, None, None);
@@ -275,7 +310,8 @@ pub fn manager_mark_rule(
         "\n(or bring {outer_name} up before {}: its rules then land below the manager's)",
         tunnel.interface
     ));
-    Some(build(FixKind::Rule, mark, egress, Some(MAIN), outer_manager.or(Some(Manager::WgQuick)), forms, commands))
+    let fix = build(FixKind::Rule, mark, egress, Some(MAIN), outer_manager.or(Some(Manager::WgQuick)), forms, commands);
+    Some(aimed(fix, topology, tunnel))
 }
 
 /// A mark for the tunnel plus a rule (and, when main itself leads into a
@@ -293,9 +329,10 @@ pub fn mark_and_rule(
     kind: FixKind,
 ) -> Option<Fix> {
     let device = tunnel.device.as_ref()?;
+    let netns = topology.transport_netns(tunnel);
     let tested: Vec<u32> = topology
         .namespaces
-        .get(&tunnel.netns)
+        .get(&netns)
         .map(|ns| ns.rules_v4.iter().chain(&ns.rules_v6).filter_map(|r| r.fwmark).collect())
         .unwrap_or_default();
     // Keep the tunnel's own mark when it has one; else its port, unless a
@@ -307,19 +344,19 @@ pub fn mark_and_rule(
     };
     let set_mark = (device.fwmark == 0).then_some(mark);
     let priority = above(capturing_priority);
-    let (table, route, verified) = match physical_route(topology, oracle, tunnel.netns, MAIN, destination) {
+    let (table, route, verified) = match physical_route(topology, oracle, netns, MAIN, destination) {
         Some(route) if route.prefix_len == 0 || kind == FixKind::OneDefaultRoute => (MAIN, None, route),
         _ => {
-            let default = physical_default(topology, oracle, tunnel.netns, destination.is_ipv4())?;
-            let device_name = topology.link_name(tunnel.netns, default.oif?)?.to_owned();
+            let default = physical_default(topology, oracle, netns, destination.is_ipv4())?;
+            let device_name = topology.link_name(netns, default.oif?)?.to_owned();
             let via = default.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
             (BYPASS_TABLE, Some(format!("default{via} dev {device_name}")), default)
         }
     };
-    let egress = topology.link_name(tunnel.netns, verified.oif?)?.to_owned();
+    let egress = topology.link_name(netns, verified.oif?)?.to_owned();
     let (forms, commands) =
         rule_forms(&tunnel.interface, &mark.to_string(), table, priority, set_mark, route.as_deref());
-    Some(build(kind, mark, egress, Some(table), manager, forms, commands))
+    Some(aimed(build(kind, mark, egress, Some(table), manager, forms, commands), topology, tunnel))
 }
 
 /// An endpoint inside the tunnel's own AllowedIPs: a host route for it via
@@ -331,8 +368,9 @@ pub fn exclude_endpoint(
     destination: IpAddr,
     oracle: &dyn RouteOracle,
 ) -> Option<Fix> {
-    let default = physical_default(topology, oracle, tunnel.netns, destination.is_ipv4())?;
-    let device_name = topology.link_name(tunnel.netns, default.oif?)?.to_owned();
+    let netns = topology.transport_netns(tunnel);
+    let default = physical_default(topology, oracle, netns, destination.is_ipv4())?;
+    let device_name = topology.link_name(netns, default.oif?)?.to_owned();
     let via = default.gateway.map(|g| format!(" via {g}")).unwrap_or_default();
     let host = if destination.is_ipv4() { 32 } else { 128 };
     let family = if destination.is_ipv4() { "" } else { "-6 " };
@@ -352,5 +390,6 @@ pub fn exclude_endpoint(
             "nmcli connection modify {name} -wireguard.peer-routes   # or exclude {destination} from allowed-ips"
         ),
     };
-    Some(build(FixKind::ExcludeEndpoint, 0, device_name, Some(MAIN), manager, forms, vec![add]))
+    let fix = build(FixKind::ExcludeEndpoint, 0, device_name, Some(MAIN), manager, forms, vec![add]);
+    Some(aimed(fix, topology, tunnel))
 }

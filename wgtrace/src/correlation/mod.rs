@@ -3,9 +3,12 @@
 //! another tunnel or itself, why, and the verified fix.
 //!
 //! A path belongs to a peer by the tunnel's own socket: the kernel side
-//! counts only packets between a tunnel's namespace and listen port and a
-//! known endpoint, under the peer's slot number (see `probes::peers`), so
-//! everything here is keyed by topology, never by what a sender picked.
+//! counts only packets between a tunnel's socket's namespace and listen
+//! port and a known endpoint, under the peer's slot number (see
+//! `probes::peers`), so everything here is keyed by topology, never by what
+//! a sender picked. A path's devices, routes and rules are those of the
+//! socket's namespace (`Topology::transport_netns`): the interface's own,
+//! or for a kernel interface moved after creation, its birth namespace.
 //!
 //! `run` learns a path from packets ([`correlate`]), `check` from
 //! RTM_GETROUTE ([`predict`]); both hand it to the same judge
@@ -186,6 +189,12 @@ pub struct TunnelReport {
     pub interface: String,
     pub netns: String,
     pub netns_inode: u64,
+    /// The namespace whose routing carries the encrypted transport: `netns`,
+    /// except for a kernel interface moved out of the namespace it was
+    /// created in, whose socket stayed there.
+    pub transport_netns: String,
+    #[serde(skip)]
+    pub transport_netns_inode: u64,
     pub ifindex: u32,
     pub implementation: Implementation,
     /// netlink, uapi, or packets (a speaker without a UAPI).
@@ -216,6 +225,8 @@ fn tunnel_report(topology: &Topology, tunnel: &Tunnel, peers: Vec<PeerReport>) -
         interface: tunnel.interface.clone(),
         netns: tunnel.netns_label.clone(),
         netns_inode: tunnel.netns,
+        transport_netns: topology.netns_label(topology.transport_netns(tunnel)),
+        transport_netns_inode: topology.transport_netns(tunnel),
         ifindex: tunnel.ifindex,
         implementation: tunnel.implementation.clone(),
         discovered_by: tunnel.discovered_by,
@@ -313,22 +324,23 @@ fn predicted_path(
 ) -> PathFacts {
     let (Some(device), Some(endpoint)) = (tunnel.device.as_ref(), peer.endpoint) else { return PathFacts::None };
     let Some(query) = query_for(tunnel, endpoint, device.fwmark) else { return PathFacts::None };
-    let answer = match oracle.route_get(tunnel.netns, query) {
+    let netns = topology.transport_netns(tunnel);
+    let answer = match oracle.route_get(netns, query) {
         Ok(answer) => answer,
         Err(err) => return PathFacts::Unroutable { query, error: format!("{err:#}") },
     };
     let Some(oif) = answer.oif else {
         return PathFacts::Unroutable { query, error: "the route has no output device".into() };
     };
-    let rule = answer.table.and_then(|table| {
-        deciding_rule_in(topology, tunnel.netns, query.mark, endpoint.ip(), table, Some(answer.prefix_len))
-    });
-    let egress = path::configured_device(topology, tunnel.netns, oif);
+    let rule = answer
+        .table
+        .and_then(|table| deciding_rule_in(topology, netns, query.mark, endpoint.ip(), table, Some(answer.prefix_len)));
+    let egress = path::configured_device(topology, netns, oif);
     PathFacts::Path {
         query,
         egress_ifindex: egress,
         transport: Transport {
-            egress_interface: interface_name(topology, tunnel.netns, egress),
+            egress_interface: interface_name(topology, netns, egress),
             mark: query.mark,
             route_table: answer.table,
             rule: rule.map(Rule::describe),
@@ -353,6 +365,8 @@ fn observed_path(
 ) -> PathFacts {
     let (Some(_), Some(endpoint)) = (tunnel.device.as_ref(), peer.endpoint) else { return PathFacts::None };
     let Some(slot) = (seen.slot)(tunnel.netns, tunnel.ifindex, &peer.public_key) else { return PathFacts::None };
+    // The devices packets were seen on are in the socket's namespace.
+    let netns = topology.transport_netns(tunnel);
     let ours = |key: &PathKey, direction: u8| key.peer == slot && key.direction == direction;
     let egress: Vec<(&PathKey, &PathStats)> = seen.paths.iter().filter(|(key, _)| ours(key, DIR_EGRESS)).collect();
     // The current path is the one seen last: after a fix, old paths linger
@@ -365,7 +379,7 @@ fn observed_path(
             !egress.iter().any(|(other, other_stats)| {
                 other.mark == key.mark
                     && other_stats.last_seen_ns + 1_000_000_000 >= stats.last_seen_ns
-                    && path::is_below(topology, tunnel.netns, key.ifindex, other.ifindex)
+                    && path::is_below(topology, netns, key.ifindex, other.ifindex)
             })
         })
         .max_by_key(|(_, stats)| stats.last_seen_ns)
@@ -388,25 +402,18 @@ fn observed_path(
     }
     let (received_packets, received_bytes) = received_by_device.into_values().max().unwrap_or_default();
     let Some(query) = query_for(tunnel, endpoint, current.mark) else { return PathFacts::None };
-    let kernel_answer = oracle.route_get(tunnel.netns, query).ok();
+    let kernel_answer = oracle.route_get(netns, query).ok();
     let routed_ifindex = kernel_answer.as_ref().and_then(|a| a.oif);
     let route_table = observed_table(seen.routes, slot, current).or(kernel_answer.as_ref().and_then(|a| a.table));
     let rule = route_table.and_then(|table| {
-        deciding_rule_in(
-            topology,
-            tunnel.netns,
-            current.mark,
-            endpoint.ip(),
-            table,
-            kernel_answer.map(|a| a.prefix_len),
-        )
+        deciding_rule_in(topology, netns, current.mark, endpoint.ip(), table, kernel_answer.map(|a| a.prefix_len))
     });
-    let egress_ifindex = path::configured_device(topology, tunnel.netns, current.ifindex);
+    let egress_ifindex = path::configured_device(topology, netns, current.ifindex);
     PathFacts::Path {
         query,
         egress_ifindex,
         transport: Transport {
-            egress_interface: interface_name(topology, tunnel.netns, egress_ifindex),
+            egress_interface: interface_name(topology, netns, egress_ifindex),
             mark: current.mark,
             route_table,
             rule: rule.map(Rule::describe),

@@ -534,3 +534,117 @@ fn the_route_cache_asks_once_per_fingerprint() {
     assert_eq!(asked.get(), after_first, "the second report asked the kernel nothing");
     assert_eq!(peer_of(&first, "wg1").fix, peer_of(&second, "wg1").fix);
 }
+
+/// A kernel interface created in the client namespace and moved to
+/// another: its socket, and so its routing, stayed in the client.
+mod moved {
+    use super::*;
+
+    const INNER: u64 = 4026532999;
+    const WGM: u32 = 9;
+
+    fn moved_topology(follow_the_socket: bool) -> Topology {
+        let mut topology = topology();
+        let mut wgm = tunnel("wgm", WGM, 51830, 0, "198.51.100.77:51831", &["10.77.0.0/24"]);
+        wgm.netns = INNER;
+        wgm.netns_label = "inner".into();
+        wgm.implementation = Implementation::Kernel;
+        topology.tunnels.push(wgm);
+        let link = |index, name: &str| Link { index, name: name.into(), mtu: 1420, ..Link::default() };
+        topology.namespaces.insert(
+            INNER,
+            Namespace { label: "inner".into(), links: vec![link(LO, "lo"), link(WGM, "wgm")], ..Namespace::default() },
+        );
+        if follow_the_socket {
+            topology.transport_netns.insert((INNER, WGM), NS);
+        }
+        topology
+    }
+
+    /// The lab client's routing, and nothing at all in the inner namespace
+    /// (only the interface and its own subnet are there).
+    struct ClientOnly(FakeKernel);
+
+    impl RouteOracle for ClientOnly {
+        fn route_get(&self, netns: u64, query: UdpQuery) -> Result<RouteAnswer> {
+            anyhow::ensure!(netns == NS, "Network is unreachable (asked in {netns})");
+            self.0.route_get(netns, query)
+        }
+        fn table_routes(&self, netns: u64, family: u8, table: u32) -> Result<Vec<TableRoute>> {
+            anyhow::ensure!(netns == NS, "no such table in {netns}");
+            self.0.table_routes(netns, family, table)
+        }
+    }
+
+    fn wgm(reports: Vec<TunnelReport>) -> TunnelReport {
+        reports.into_iter().find(|t| t.interface == "wgm").unwrap()
+    }
+
+    #[test]
+    fn check_asks_the_sockets_namespace_and_verifies_the_fix_there() {
+        let oracle = ClientOnly(lab_routing());
+        let report = wgm(predict(&moved_topology(true), &oracle));
+        assert_eq!((report.netns.as_str(), report.transport_netns.as_str()), ("inner", "client"));
+        let peer = &report.peers[0];
+        // Unmarked, it takes wg0's table in the client: nested in wg0.
+        assert_eq!(peer.verdict, Verdict::Nested, "{peer:?}");
+        assert_eq!(peer.nested_in.as_deref(), Some("wg0"));
+        assert_eq!(
+            peer.transport.as_ref().unwrap().rule.as_deref(),
+            Some("32765: not from all fwmark 0xca6c lookup 51820")
+        );
+        let fix = peer.fix_details.as_ref().unwrap();
+        assert_eq!((fix.kind, fix.mark, fix.verified_egress_interface.as_str()), (FixKind::Mark, MARK, "c0"));
+        // Judged in its own namespace, it would have no route at all.
+        let unfollowed = wgm(predict(&moved_topology(false), &oracle));
+        assert_eq!(unfollowed.peers[0].verdict, Verdict::Unroutable);
+        assert_eq!(unfollowed.transport_netns, "inner");
+    }
+
+    #[test]
+    fn run_names_the_device_in_the_sockets_namespace() {
+        let oracle = ClientOnly(lab_routing());
+        // Its slot is 42; its packets were seen leaving through the
+        // client's c0 (ifindex 2, which in the inner namespace is nothing).
+        let paths: HashMap<_, _> = [path(C0, 42, MARK, 100)].into();
+        let routes = HashMap::new();
+        let slot = |netns: u64, ifindex: u32, _: &str| (netns == INNER && ifindex == WGM).then_some(42);
+        let seen = Observations { paths: &paths, routes: &routes, slot: &slot };
+        let report = wgm(correlate(&moved_topology(true), &seen, &oracle));
+        let peer = &report.peers[0];
+        assert_eq!(peer.verdict, Verdict::Direct, "{peer:?}");
+        let transport = peer.transport.as_ref().unwrap();
+        assert_eq!((transport.egress_interface.as_str(), transport.route_table), ("c0", Some(254)));
+        let unfollowed = wgm(correlate(&moved_topology(false), &seen, &oracle));
+        assert_eq!(unfollowed.peers[0].transport.as_ref().unwrap().egress_interface, "ifindex 2");
+    }
+
+    #[test]
+    fn a_new_rule_is_added_in_the_sockets_namespace() {
+        // No mark escapes the client's table 51820 (no `not fwmark` rule):
+        // the fix is a mark and a rule, and the rule belongs where the
+        // socket is, the named client namespace (wgtrace runs elsewhere).
+        let mut topology = moved_topology(true);
+        topology.own_netns = 1;
+        let client = topology.namespaces.get_mut(&NS).unwrap();
+        client.handle = "/run/netns/client".into();
+        client.rules_v4 = vec![
+            rule(0, 255, None, false, None),
+            rule(100, MARK, None, false, None),
+            rule(32766, 254, None, false, None),
+        ];
+        let oracle = ClientOnly(FakeKernel::new(&topology, &[(254, lab_table(254)), (MARK, lab_table(MARK))]));
+        let report = wgm(predict(&topology, &oracle));
+        let fix = report.peers[0].fix_details.as_ref().unwrap();
+        assert_eq!(fix.kind, FixKind::MarkAndRule);
+        assert_eq!(fix.verified_egress_interface, "c0");
+        assert_eq!(
+            fix.commands,
+            vec![
+                "wg set wgm fwmark 51830".to_owned(),
+                "ip -n client rule add fwmark 51830 lookup main priority 99".to_owned()
+            ]
+        );
+        assert_eq!(fix.how, fix.commands.join("; "), "no manager: the commands are the form");
+    }
+}

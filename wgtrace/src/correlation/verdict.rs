@@ -135,8 +135,14 @@ pub fn judge(
     // A config not yet up (check --config) has no device: wg-quick would
     // route its specific AllowedIPs into it.
     let not_up_loop = tunnel.ifindex == 0 && endpoint_inside_own_allowed_ips(tunnel, endpoint.ip());
-    let outer = match path::classify(topology, tunnel.netns, egress_ifindex) {
-        Egress::Wireguard(t) if t.interface == tunnel.interface && t.ifindex == tunnel.ifindex => None,
+    // The egress device is in the namespace the transport is routed in.
+    let netns = topology.transport_netns(tunnel);
+    let outer = match path::classify(topology, netns, egress_ifindex) {
+        Egress::Wireguard(t)
+            if t.netns == tunnel.netns && t.interface == tunnel.interface && t.ifindex == tunnel.ifindex =>
+        {
+            None
+        }
         _ if not_up_loop => None,
         Egress::Wireguard(t) => Some((
             Outer {
@@ -153,14 +159,14 @@ pub fn judge(
         Egress::Tunnel(outer) => Some((outer, None)),
         Egress::Underlay => {
             report.verdict = Verdict::Direct;
-            if let Some(routed) = routed_ifindex.filter(|oif| path::is_tunnel(topology, tunnel.netns, *oif)) {
+            if let Some(routed) = routed_ifindex.filter(|oif| path::is_tunnel(topology, netns, *oif)) {
                 // Packets say direct; routing says otherwise. Both are true
                 // for now: say so, so `check`'s different answer is explained.
                 report.explanation = Some(format!(
                     "{name}'s transport to {shown_endpoint} still leaves directly, but routing now sends it into {}: \
                      {name} keeps the source it last used (wireguard-go does) until its endpoint is set again or \
                      roams, and then follows the route (`wgtrace check` judges that route)",
-                    crate::correlation::interface_name(topology, tunnel.netns, routed)
+                    crate::correlation::interface_name(topology, netns, routed)
                 ));
             }
             return report;
@@ -251,9 +257,9 @@ pub fn judge(
             }
         }
         None => {
-            let def1 = def1_pair(oracle, tunnel.netns, outer.ifindex, endpoint.ip().is_ipv4());
+            let def1 = def1_pair(oracle, netns, outer.ifindex, endpoint.ip().is_ipv4());
             let held = outer.owner.as_deref().map(|o| format!(", held by {o}")).unwrap_or_default();
-            let route_prefix = specific_route_prefix(oracle, tunnel.netns, outer.ifindex, endpoint.ip());
+            let route_prefix = specific_route_prefix(oracle, netns, outer.ifindex, endpoint.ip());
             if !def1 && route_prefix.is_some_and(|len| len > 1) {
                 (
                     Nesting::Deliberate,
@@ -311,7 +317,7 @@ fn set_fix(report: &mut PeerReport, name: &str, outer: Option<&str>, fix: Option
 /// A mark the rules exempt from a table that leads back into this tunnel:
 /// wg-quick's `not fwmark M lookup M` with M the tunnel's own table.
 fn lost_own_mark(topology: &Topology, tunnel: &Tunnel, query: UdpQuery) -> Option<u32> {
-    let ns = topology.namespaces.get(&tunnel.netns)?;
+    let ns = topology.namespaces.get(&topology.transport_netns(tunnel))?;
     let rules = if query.destination.is_ipv4() { &ns.rules_v4 } else { &ns.rules_v6 };
     rules.iter().find(|r| r.invert && r.fwmark.is_some_and(|m| m != query.mark && m != 0)).and_then(|r| r.fwmark)
 }
@@ -391,10 +397,14 @@ fn specific_route_prefix(
 /// After every peer is judged: chains, mutual loops (a chain that comes back
 /// to its start), MTU and the findings, the same for `run` and `check`.
 pub fn resolve(topology: &Topology, reports: &mut [TunnelReport], oracle: &dyn RouteOracle) {
-    let outer_of: HashMap<(u64, String), String> = reports
+    // (namespace, tunnel) -> its outer and the namespace that outer is in
+    // (the tunnel's transport namespace).
+    let outer_of: HashMap<(u64, String), (u64, String)> = reports
         .iter()
         .flat_map(|t| {
-            t.peers.iter().filter_map(move |p| Some(((t.netns_inode, t.interface.clone()), p.nested_in.clone()?)))
+            t.peers.iter().filter_map(move |p| {
+                Some(((t.netns_inode, t.interface.clone()), (t.transport_netns_inode, p.nested_in.clone()?)))
+            })
         })
         .collect();
     for tunnel in reports.iter_mut() {
@@ -405,17 +415,17 @@ pub fn resolve(topology: &Topology, reports: &mut [TunnelReport], oracle: &dyn R
         };
         for peer in &mut tunnel.peers {
             let mut chain = Vec::new();
-            let mut next = peer.nested_in.clone();
+            let mut next = peer.nested_in.clone().map(|outer| (tunnel.transport_netns_inode, outer));
             let mut looped = false;
-            while let Some(outer) = next {
-                if outer == tunnel.interface {
+            while let Some((netns, outer)) = next {
+                if netns == tunnel.netns_inode && outer == tunnel.interface {
                     looped = true;
                     break;
                 }
                 if chain.contains(&outer) || chain.len() > 16 {
                     break;
                 }
-                next = outer_of.get(&(tunnel.netns_inode, outer.clone())).cloned();
+                next = outer_of.get(&(netns, outer.clone())).cloned();
                 chain.push(outer);
             }
             if looped {
@@ -462,7 +472,7 @@ fn mutual_loop(
         if full_tunnels { " Each is a full tunnel; only one may own the default route." } else { "" }
     ));
     if let Some(endpoint) = peer.endpoint {
-        let rule_priority = topology.namespaces.get(&tunnel.netns).and_then(|ns| {
+        let rule_priority = topology.namespaces.get(&topology.transport_netns(tunnel)).and_then(|ns| {
             let rules = if endpoint.is_ipv4() { &ns.rules_v4 } else { &ns.rules_v6 };
             rules.iter().find(|r| transport.rule.as_deref() == Some(&r.describe())).map(|r| r.priority)
         });
@@ -555,7 +565,8 @@ pub fn findings(topology: &Topology, tunnel: &TunnelReport) -> Vec<Finding> {
 fn mtu_problem(topology: &Topology, tunnel: &TunnelReport, peer: &PeerReport) -> Option<String> {
     let inner_mtu = tunnel.mtu?;
     let outer = peer.outer.as_ref()?;
-    let outer_mtu = path::link(topology, tunnel.netns_inode, outer.ifindex).map(|l| l.mtu).filter(|m| *m > 0)?;
+    let outer_mtu =
+        path::link(topology, tunnel.transport_netns_inode, outer.ifindex).map(|l| l.mtu).filter(|m| *m > 0)?;
     let v4 = peer.endpoint?.is_ipv4();
     let needed = inner_mtu + overhead(v4);
     (needed > outer_mtu).then(|| {

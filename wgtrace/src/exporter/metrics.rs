@@ -431,6 +431,8 @@ pub(crate) mod tests {
             interface: interface.into(),
             netns: "wgtlab-client".into(),
             netns_inode: 4026532000,
+            transport_netns: "wgtlab-client".into(),
+            transport_netns_inode: 4026532000,
             ifindex: 3,
             implementation: Implementation::Userspace,
             discovered_by: crate::topology::DiscoveredBy::Uapi,

@@ -6,7 +6,7 @@
 //! - the network namespaces (inode, `ip netns` name, a handle path);
 //! - the processes holding TUN devices (PID, namespace, device name, read
 //!   from `/proc/PID/fd` links and `fdinfo`, which the kernel writes);
-//! - a netlink socket (route or generic only) opened inside a namespace;
+//! - a netlink socket (route, generic or sock_diag only) opened inside a namespace;
 //! - a daemon's UAPI socket, resolved inside its root, connected and checked
 //!   to be served by the TUN holder (nothing is sent on it);
 //! - the UDP sockets of a TUN holder (candidate speakers).

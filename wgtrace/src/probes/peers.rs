@@ -1,7 +1,10 @@
 //! The known peers, as the kernel side counts them: each peer of each
 //! discovered tunnel gets a slot number, and its tunnel socket (namespace,
-//! listen port) plus endpoint name it in the `PEERS` map. Nothing else is
-//! counted, so no one but the topology decides what state exists.
+//! listen port) plus endpoint name it in the `PEERS` map. The socket's
+//! namespace is the one its packets are seen in: the interface's own, or,
+//! for a kernel interface moved after creation, the one it was created in.
+//! Nothing else is counted, so no one but the topology decides what state
+//! exists.
 
 use std::{
     collections::HashMap,
@@ -69,7 +72,9 @@ impl PeerSlots {
                     self.next
                 });
                 if let Some(endpoint) = peer.endpoint {
-                    let key = peer_key(tunnel.netns, device.listen_port, endpoint);
+                    // Packets carry the namespace of the device they are on:
+                    // the socket's, which a moved kernel interface left behind.
+                    let key = peer_key(topology.transport_netns(tunnel), device.listen_port, endpoint);
                     wanted.insert(key, slot);
                     keys.insert(id.clone(), key);
                 }
@@ -200,6 +205,18 @@ mod tests {
         assert_eq!(slots.peer(slot_b), None);
         slots.update_at(&both, start + Duration::from_secs(40));
         assert!(slots.slot(&b).unwrap() > slot_b, "b came back as a new peer");
+    }
+
+    #[test]
+    fn a_moved_kernel_interface_is_keyed_by_its_sockets_namespace() {
+        let mut moved = topology(vec![tunnel(7, 3, 51820, &[("a", Some("192.0.2.2:51821"))])]);
+        moved.transport_netns.insert((7, 3), 9);
+        let wanted = PeerSlots::default().update(&moved);
+        let keys: Vec<&PeerKey> = wanted.keys().collect();
+        assert_eq!(keys, vec![&peer_key(9, 51820, "192.0.2.2:51821".parse().unwrap())]);
+        let mut slots = PeerSlots::default();
+        slots.update(&moved);
+        assert!(slots.slot(&PeerId { netns: 7, ifindex: 3, public_key: "a".into() }).is_some(), "named by its device");
     }
 
     #[test]

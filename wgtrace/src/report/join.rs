@@ -49,8 +49,11 @@ pub fn join_latency(reports: &mut [TunnelReport], tracker: &LatencyTracker) {
             if let (Some(outer), Some(Nesting::Accidental)) = (&peer.nested_in, peer.nesting)
                 && peer.verdict == Verdict::Nested
             {
-                let outer_p50 =
-                    outer_rtt.get(&(tunnel.netns_inode, outer.clone())).filter(|s| s.count > 0).map(|s| s.p50);
+                // The outer tunnel is in the namespace the transport leaves from.
+                let outer_p50 = outer_rtt
+                    .get(&(tunnel.transport_netns_inode, outer.clone()))
+                    .filter(|s| s.count > 0)
+                    .map(|s| s.p50);
                 let own_p50 = peer.latency.as_ref().map(|l| l.inner_rtt_us).filter(|s| s.count > 0).map(|s| s.p50);
                 peer.nesting_cost = Some(NestingCost {
                     outer_interface: outer.clone(),
@@ -69,7 +72,11 @@ pub fn join_latency(reports: &mut [TunnelReport], tracker: &LatencyTracker) {
 /// that mark) and replaces the estimate with the measured difference.
 pub fn probe_nested(reports: &mut [TunnelReport], topology: &Topology) {
     for tunnel in reports.iter_mut() {
-        let Some(handle) = topology.namespaces.get(&tunnel.netns_inode).map(|n| n.handle.clone()) else { continue };
+        // Probes go where the transport is routed (a moved kernel
+        // interface's birth namespace).
+        let Some(handle) = topology.namespaces.get(&tunnel.transport_netns_inode).map(|n| n.handle.clone()) else {
+            continue;
+        };
         for peer in &mut tunnel.peers {
             let (Some(endpoint), Some(fix), Some(transport), Some(cost)) =
                 (peer.endpoint, &peer.fix_details, &peer.transport, peer.nesting_cost.as_mut())

@@ -36,7 +36,7 @@ pub trait Privileged: Send + Sync {
     fn namespaces(&self) -> Result<Vec<Netns>>;
     /// Every process holding a TUN device, with the device's name.
     fn tun_holders(&self) -> Result<Vec<TunHolder>>;
-    /// A netlink socket of `protocol` (route or generic) opened inside the
+    /// A netlink socket of `protocol` (route, generic or sock_diag) opened inside the
     /// namespace `handle`, which must still be the namespace `inode`.
     fn netns_socket(&self, handle: &Path, inode: u64, protocol: i32) -> Result<OwnedFd>;
     /// A connected UAPI socket of `interface`, checked to be served by
@@ -65,7 +65,10 @@ impl Privileged for Direct {
     }
 
     fn netns_socket(&self, handle: &Path, inode: u64, protocol: i32) -> Result<OwnedFd> {
-        ensure!(protocol == NETLINK_ROUTE || protocol == NETLINK_GENERIC, "netlink protocol {protocol} is not needed");
+        ensure!(
+            [NETLINK_ROUTE, NETLINK_GENERIC, netlink::NETLINK_SOCK_DIAG].contains(&protocol),
+            "netlink protocol {protocol} is not needed"
+        );
         ensure!(is_namespace_handle(handle), "{} is not a network namespace handle", handle.display());
         netns::run_in(handle, move || {
             // The namespace the thread entered must be the one listed (a PID

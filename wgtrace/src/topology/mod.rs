@@ -125,6 +125,10 @@ pub struct Topology {
     /// (netns inode, interface) -> (PID, process name) holding a TUN or TAP
     /// device, WireGuard or not: who owns a tunnel another one rides in.
     pub tun_holders: BTreeMap<(u64, String), (u32, String)>,
+    /// (netns inode, ifindex) of a kernel tunnel moved out of the namespace
+    /// it was created in -> that namespace, where its socket stayed and its
+    /// transport is routed ([`netns::SocketPlace`]). Absent: its own.
+    pub transport_netns: BTreeMap<(u64, u32), u64>,
 }
 
 /// Which namespaces to look at.
@@ -172,6 +176,11 @@ impl Topology {
             format!("{:?}{:?}", namespace.rules_v4, namespace.rules_v6).hash(&mut hasher);
         }
         hasher.finish()
+    }
+
+    /// The namespace whose routing carries `tunnel`'s encrypted transport.
+    pub fn transport_netns(&self, tunnel: &Tunnel) -> u64 {
+        self.transport_netns.get(&(tunnel.netns, tunnel.ifindex)).copied().unwrap_or(tunnel.netns)
     }
 
     pub fn tunnel_on_ifindex(&self, netns: u64, ifindex: u32) -> Option<&Tunnel> {
@@ -260,6 +269,8 @@ pub struct Discoverer {
     namespaces: Option<Vec<Netns>>,
     /// Steps of a round that failed, and what was logged about each.
     failing_steps: StepFailures,
+    /// Where kernel tunnels' sockets were found, as last logged.
+    placements_logged: HashMap<(u64, String), String>,
 }
 
 /// Which steps of a discovery round fail, so each failure is logged once
@@ -305,6 +316,8 @@ struct NamespaceSockets {
     wireguard: Option<genl::Wireguard>,
     /// Subscribed to link and rule notifications ([`Discoverer::wait`]).
     changes: Option<std::os::fd::OwnedFd>,
+    /// Socket listings, opened once a kernel tunnel's socket is looked for.
+    diag: Option<netlink::Socket>,
 }
 
 impl Discoverer {
@@ -329,6 +342,7 @@ impl Discoverer {
             named_gone_logged: false,
             namespaces: None,
             failing_steps: StepFailures::default(),
+            placements_logged: HashMap::new(),
         }
     }
 
@@ -492,6 +506,7 @@ impl Discoverer {
             }
         }
         topology.candidates = self.candidates(&topology, no_uapi);
+        topology.transport_netns = self.transport_namespaces(&topology);
         // Backoff and what was logged are kept only for tunnels that still
         // exist: holders that come and go must not grow them.
         let present: HashSet<(u32, &str)> =
@@ -612,6 +627,7 @@ impl Discoverer {
                     oracle: Arc::new(Mutex::new(netlink::Socket::from_fd(open()?))),
                     wireguard: None,
                     changes: changes.ok(),
+                    diag: None,
                 })
             }
         };
@@ -644,6 +660,28 @@ impl Discoverer {
             }
         }
         Ok((links, rules_v4, rules_v6, kernel_devices, Arc::clone(&sockets.oracle)))
+    }
+
+    /// Where kernel tunnels' sockets live, over a sock_diag socket kept per
+    /// namespace (see [`netns::transport_namespaces`]).
+    fn transport_namespaces(&mut self, topology: &Topology) -> BTreeMap<(u64, u32), u64> {
+        let (access, sockets) = (&self.access, &mut self.sockets);
+        netns::transport_namespaces(topology, &mut self.placements_logged, |inode, port| {
+            let handle = &topology.namespaces.get(&inode).context("namespace vanished")?.handle;
+            let sockets = sockets.get_mut(&inode).context("namespace vanished")?;
+            if sockets.diag.is_none() {
+                let fd = access.netns_socket(handle, inode, netlink::NETLINK_SOCK_DIAG)?;
+                sockets.diag = Some(netlink::Socket::from_fd(fd));
+            }
+            let diag = sockets.diag.as_mut().context("no sock_diag socket")?;
+            // WireGuard binds both families; IPv6 is asked only when needed
+            // (and may be disabled).
+            let mut found = diag.udp_bound(netlink::AF_INET, port)?;
+            if !found.iter().any(|s| s.local.is_unspecified()) {
+                found.extend(diag.udp_bound(netlink::AF_INET6, port).unwrap_or_default());
+            }
+            Ok(found)
+        })
     }
 
     /// Whether its privileged access was ended on purpose (the run is over).
