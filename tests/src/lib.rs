@@ -65,8 +65,14 @@ pub struct Traffic(Child);
 
 impl Traffic {
     pub fn ping(address: &str) -> Result<Self> {
+        Self::ping_sized(address, 56)
+    }
+
+    /// Pings with `payload` bytes of ICMP payload (56 is ping's default).
+    pub fn ping_sized(address: &str, payload: u32) -> Result<Self> {
+        let payload = payload.to_string();
         let child = Command::new("ip")
-            .args(["netns", "exec", lab::CLIENT, "ping", "-q", "-i", "0.1", address])
+            .args(["netns", "exec", lab::CLIENT, "ping", "-q", "-i", "0.1", "-s", &payload, address])
             .stdout(Stdio::null())
             .spawn()
             .context("starting ping")?;

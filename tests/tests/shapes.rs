@@ -238,11 +238,19 @@ fn an_inner_mtu_that_does_not_fit_is_a_finding_in_run_and_check() {
     };
     let checked = mtu(check_tunnel(&report, "wg1"));
     assert!(checked["message"].as_str().unwrap().contains("Set MTU = 1360 on wg1"), "{checked:#}");
+    // Full-size packets for wg1 (1392 + 8 + 20 = its MTU of 1420): its
+    // 1480-byte transport does not fit into wg0's 1420 and is fragmented.
     let traced = {
-        let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+        let _traffic = Traffic::ping_sized(lab::WG1_REMOTE, 1392).unwrap();
         trace_json(2.0, &[]).unwrap()
     };
     assert_eq!(mtu(client_tunnel(&traced, "wg1"))["message"], checked["message"]);
+    let wg1 = &client_peer(&traced, "wg1")["transport"];
+    let (sent, fragmented) = (wg1["packets"].as_u64().unwrap(), wg1["fragmented_packets"].as_u64().unwrap());
+    assert!(sent > 0 && fragmented * 2 >= sent, "most of wg1's transport was fragmented: {wg1:#}");
+    // wg0 carries those fragments (each fits) and its own packets fit the
+    // underlay: none of its transport is fragmented.
+    assert_eq!(client_peer(&traced, "wg0")["transport"]["fragmented_packets"], 0, "{traced:#}");
 }
 
 #[test]

@@ -219,6 +219,10 @@ pub struct PathStats {
     /// counters count them.
     pub bytes: u64,
     pub last_seen_ns: u64,
+    /// Of those, datagrams the kernel fragmented on the way out (IPv4
+    /// first fragments): the path's MTU is smaller than the tunnel's
+    /// packets. Later fragments carry no ports and are not seen.
+    pub fragmented: u64,
 }
 
 /// A known peer's WireGuard message seen on a device: sent for the first

@@ -24,6 +24,8 @@ pub(crate) struct Packet {
     /// Where the transport header starts, for the length of a GSO skb.
     pub(crate) l4: *const u8,
     pub(crate) ip_length: u32,
+    /// An IPv4 first fragment (more fragments follow).
+    pub(crate) first_fragment: bool,
     /// The first bytes of the transport header.
     pub(crate) l4_bytes: [u8; L4_READ],
 }
@@ -127,6 +129,7 @@ fn inspect(skb: *const u8, dev: *const u8, direction: u8, header: &Header) -> Re
         daddr: [0; 16],
         l4: l3,
         ip_length: 0,
+        first_fragment: false,
         l4_bytes: [0; L4_READ],
     };
     if ethertype == ETH_P_IP_RAW {
@@ -140,6 +143,7 @@ fn inspect(skb: *const u8, dev: *const u8, direction: u8, header: &Header) -> Re
         packet.saddr[..4].copy_from_slice(&header[12..16]);
         packet.daddr[..4].copy_from_slice(&header[16..20]);
         packet.ip_length = u16::from_be_bytes([header[2], header[3]]) as u32;
+        packet.first_fragment = header[6] & 0x20 != 0;
         packet.l4 = l3.wrapping_add(ihl);
         if ihl == 20 {
             packet.l4_bytes.copy_from_slice(&header[20..20 + L4_READ]);
@@ -227,6 +231,7 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
         _pad: [0; 3],
     };
     let (packets, bytes) = wire_counts(packet, udp_length);
+    let fragmented = packet.first_fragment as u64;
     let now = unsafe { bpf_ktime_get_ns() };
     let new_path = match PATHS.get_ptr_mut(&key) {
         Some(stats) => {
@@ -234,6 +239,7 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
                 (*stats).packets += packets;
                 (*stats).bytes += bytes;
                 (*stats).last_seen_ns = now;
+                (*stats).fragmented += fragmented;
             }
             false
         }
@@ -244,7 +250,7 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
                 count(COUNTER_FORGED);
                 return Ok(());
             }
-            let stats = PathStats { packets, bytes, last_seen_ns: now };
+            let stats = PathStats { packets, bytes, last_seen_ns: now, fragmented };
             if PATHS.insert(&key, &stats, BPF_NOEXIST).is_err() {
                 // Another CPU created it in between: count there.
                 match PATHS.get_ptr_mut(&key) {
@@ -252,6 +258,7 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
                         (*stats).packets += packets;
                         (*stats).bytes += bytes;
                         (*stats).last_seen_ns = now;
+                        (*stats).fragmented += fragmented;
                     },
                     None => count(COUNTER_PATHS_FULL),
                 }

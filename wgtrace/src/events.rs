@@ -284,6 +284,7 @@ mod tests {
             rule: None,
             packets: Some(3),
             bytes: Some(300),
+            fragmented_packets: None,
             received_packets: Some(3),
             received_bytes: Some(300),
         });

@@ -142,6 +142,10 @@ pub struct Transport {
     pub packets: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes: Option<u64>,
+    /// Of `packets`, those the kernel fragmented on the way out (IPv4):
+    /// the path's MTU is smaller than the tunnel's packets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fragmented_packets: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub received_packets: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -346,6 +350,7 @@ fn predicted_path(
             rule: rule.map(Rule::describe),
             packets: None,
             bytes: None,
+            fragmented_packets: None,
             received_packets: None,
             received_bytes: None,
         },
@@ -387,10 +392,10 @@ fn observed_path(
     else {
         return PathFacts::None;
     };
-    let (packets, bytes) = egress
+    let (packets, bytes, fragmented) = egress
         .iter()
         .filter(|(key, _)| key.ifindex == current.ifindex && key.mark == current.mark)
-        .fold((0, 0), |(p, b), (_, s)| (p + s.packets, b + s.bytes));
+        .fold((0, 0, 0), |(p, b, f), (_, s)| (p + s.packets, b + s.bytes, f + s.fragmented));
     // Received packets arrive on the tunnel's own namespace's devices; a
     // nested peer's are seen twice (on the outer tunnel's device and the
     // wire), so count one device: the busiest.
@@ -419,6 +424,7 @@ fn observed_path(
             rule: rule.map(Rule::describe),
             packets: Some(packets),
             bytes: Some(bytes),
+            fragmented_packets: Some(fragmented),
             received_packets: Some(received_packets),
             received_bytes: Some(received_bytes),
         },

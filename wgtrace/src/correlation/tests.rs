@@ -173,12 +173,12 @@ fn slot_of_tunnel(netns: u64, ifindex: u32, _public_key: &str) -> Option<u32> {
 /// A path of `tunnel`'s peer leaving through `ifindex`.
 fn path(ifindex: u32, tunnel: u32, mark: u32, last_seen_ns: u64) -> (PathKey, PathStats) {
     let key = PathKey { peer: tunnel, ifindex, mark, direction: DIR_EGRESS, _pad: [0; 3] };
-    (key, PathStats { packets: 10, bytes: 1280, last_seen_ns })
+    (key, PathStats { packets: 10, bytes: 1280, last_seen_ns, fragmented: 0 })
 }
 
 fn received(ifindex: u32, tunnel: u32, packets: u64) -> (PathKey, PathStats) {
     let key = PathKey { peer: tunnel, ifindex, mark: 0, direction: DIR_INGRESS, _pad: [0; 3] };
-    (key, PathStats { packets, bytes: packets * 100, last_seen_ns: 1 })
+    (key, PathStats { packets, bytes: packets * 100, last_seen_ns: 1, fragmented: 0 })
 }
 
 fn lookup(table: u32, mark: u32, result_ifindex: u32, last_seen_ns: u64) -> (RouteKey, RouteStats) {

@@ -393,6 +393,7 @@ pub(crate) mod tests {
                 rule: None,
                 packets: Some(packets),
                 bytes: Some(packets * 100),
+                fragmented_packets: None,
                 received_packets: Some(packets),
                 received_bytes: Some(packets * 100),
             }),

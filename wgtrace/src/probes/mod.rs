@@ -200,6 +200,7 @@ impl Tracer {
             for stats in per_cpu.iter() {
                 total.packets += stats.packets;
                 total.bytes += stats.bytes;
+                total.fragmented += stats.fragmented;
                 total.last_seen_ns = total.last_seen_ns.max(stats.last_seen_ns);
             }
             out.insert(key, total);
@@ -217,10 +218,10 @@ impl Tracer {
             let mut total = RouteStats::default();
             for stats in per_cpu.iter() {
                 total.lookups += stats.lookups;
-                if stats.last_seen_ns >= total.last_seen_ns {
+                // Each CPU keeps the answer it saw last: the newest is the
+                // route's current answer.
+                if stats.lookups > 0 && stats.last_seen_ns >= total.last_seen_ns {
                     total.last_seen_ns = stats.last_seen_ns;
-                }
-                if stats.lookups > 0 {
                     total.result_ifindex = stats.result_ifindex;
                     total.error = stats.error;
                 }

@@ -95,6 +95,13 @@ pub fn render(report: &Report, hooks: &[HookStatus]) -> String {
                     if let Some(rule) = &t.rule {
                         let _ = writeln!(out, "      rule: {rule}");
                     }
+                    if let Some(fragmented) = t.fragmented_packets.filter(|f| *f > 0) {
+                        let _ = writeln!(
+                            out,
+                            "      {fragmented} of them fragmented: the path's MTU is smaller than {}'s packets",
+                            tunnel.interface
+                        );
+                    }
                 }
             }
             render_verdict(&mut out, &tunnel.interface, peer, report.duration_seconds);
