@@ -55,8 +55,17 @@ pub const IPPROTO_RAW: u16 = 255;
 pub const PEER_MAP_ENTRIES: u32 = 4096;
 /// Each CPU remembers its last few `PEERS` answers, so that a tunnel's
 /// packets (and its socket's route lookups) find their peer in a handful of
-/// plain loads instead of a hash lookup each. Direct-mapped by ports.
+/// loads instead of a hash lookup each. Direct-mapped by ports, with ways
+/// of its own for each hook (see `PEER_CACHE_HOOKS`).
 pub const PEER_CACHE_WAYS: u32 = 8;
+/// The hooks that ask `PEERS`: a FIB lookup runs in process context and can
+/// be interrupted on its CPU by a packet hook in softirq, so hooks never
+/// share a cache entry (the kernel never nests a program in itself).
+pub const PEER_CACHE_HOOKS: u32 = 4;
+pub const PEER_CACHE_XMIT: u32 = 0;
+pub const PEER_CACHE_RECEIVE: u32 = 1;
+pub const PEER_CACHE_FIB4: u32 = 2;
+pub const PEER_CACHE_FIB6: u32 = 3;
 /// Paths (peer, device, mark, direction) and route decisions (peer, mark,
 /// table). Entries exist only for known peers, so these fill only with real
 /// paths; LRU eviction keeps even a pathological host bounded.

@@ -38,11 +38,12 @@ use wgtrace_common::{
     COUNTER_FORGED, COUNTER_PATHS_FULL, COUNTER_READ_ERRORS, COUNTER_SLOTS, CandidateEvent, CandidateKey, DIR_EGRESS,
     DIR_INGRESS, DeviceKey, EVENT_CANDIDATE, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT,
     EVENT_TRANSMIT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
-    OFFSET_UNAVAILABLE, PATH_MAP_ENTRIES, PEER_CACHE_WAYS, PEER_MAP_ENTRIES, PLAINTEXT_ECHO_REPLY,
-    PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats,
-    PeerCacheEntry, PeerKey, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats,
-    SOCK_RAW, TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL,
-    TransmitEvent, TransmitKey, TransmitOrigin, ciphertext_length,
+    OFFSET_UNAVAILABLE, PATH_MAP_ENTRIES, PEER_CACHE_FIB4, PEER_CACHE_FIB6, PEER_CACHE_HOOKS, PEER_CACHE_RECEIVE,
+    PEER_CACHE_WAYS, PEER_CACHE_XMIT, PEER_MAP_ENTRIES, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN,
+    PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerCacheEntry, PeerKey, PlaintextEvent,
+    RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW, TRANSMIT_BY_LENGTH,
+    TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent, TransmitKey,
+    TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -66,7 +67,7 @@ static PEERS_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Each CPU's last `PEERS` answers (see [`peer_slot`]).
 #[map]
-static PEER_CACHE: PerCpuArray<PeerCacheEntry> = PerCpuArray::with_max_entries(PEER_CACHE_WAYS, 0);
+static PEER_CACHE: PerCpuArray<PeerCacheEntry> = PerCpuArray::with_max_entries(PEER_CACHE_HOOKS * PEER_CACHE_WAYS, 0);
 
 /// Candidate speakers' sockets (namespace, port) to userspace's candidate
 /// number: UDP sockets of TUN holders without a UAPI. Only their handshake
@@ -162,16 +163,20 @@ fn tunnel_port(port: u16) -> bool {
 /// The slot of the known peer `peer` names, if any. A tunnel's packets and
 /// its socket's route lookups come in runs of the same peer on a CPU, so
 /// the answer is cached per CPU, direct-mapped by ports: a hit costs a few
-/// plain loads and compares, a miss or a stale generation one `PEERS`
-/// lookup. Only hits are cached: a packet of no known peer leaves nothing.
+/// loads and compares, a miss or a stale generation one `PEERS` lookup.
+/// Only hits are cached: a packet of no known peer leaves nothing. `hook`
+/// (a `PEER_CACHE_*` constant) picks the hook's own ways: a program
+/// interrupted halfway through rewriting an entry by another program on the
+/// same CPU would otherwise leave one peer's key with another's slot.
 #[inline(always)]
-fn peer_slot(peer: &PeerKey) -> Option<u32> {
+fn peer_slot(peer: &PeerKey, hook: u32) -> Option<u32> {
     let generation = match PEERS_GENERATION.get(0) {
         Some(generation) => *generation,
         None => 0,
     };
-    let way = ((peer.local_port ^ peer.remote_port) as u32 ^ peer.remote[3] as u32 ^ peer.remote[15] as u32)
-        & (PEER_CACHE_WAYS - 1);
+    let way = hook * PEER_CACHE_WAYS
+        + (((peer.local_port ^ peer.remote_port) as u32 ^ peer.remote[3] as u32 ^ peer.remote[15] as u32)
+            & (PEER_CACHE_WAYS - 1));
     let entry = PEER_CACHE.get_ptr_mut(way)?;
     // Compared as words: no memcmp in BPF.
     let wanted: [u32; 7] = unsafe { core::ptr::read_unaligned(peer as *const PeerKey as *const [u32; 7]) };

@@ -208,7 +208,8 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
         remote: if egress { packet.daddr } else { packet.saddr },
     };
     // Only a known tunnel socket talking to a known endpoint goes on.
-    let Some(slot) = peer_slot(&peer) else {
+    let hook = if egress { PEER_CACHE_XMIT } else { PEER_CACHE_RECEIVE };
+    let Some(slot) = peer_slot(&peer, hook) else {
         return super::speakers::on_candidate(packet, &peer, udp_length);
     };
     // Everything between a tunnel's socket and its peer's endpoint is that

@@ -1,9 +1,14 @@
 //! Routing decisions: the FIB hooks, gated on the listen-port bitmap like
 //! the packet hooks, recording known peers' lookups per (peer, mark, table).
 //! Only output lookups matter (a tunnel socket's route); the kernel marks
-//! them with the loopback device as input device, so every received
-//! packet's input lookup (which names the sender's port, often a tunnel
-//! port too) leaves after two plain loads.
+//! them with the loopback device as input device, so a received packet's
+//! input route lookup (which names the sender's port, often a tunnel port
+//! too) leaves after two plain loads. Not every lookup with that input
+//! device is a socket's: rp_filter's reverse-path check also uses it, with
+//! the received packet's ports swapped when a rule matches on ports, and
+//! gets through to `PEERS` (and may record a (peer, mark, table) decision
+//! no socket made); userspace picks the decision that matches the path the
+//! packets really took.
 
 /// `LOOPBACK_IFINDEX`: the input device of every output route lookup
 /// (`ip_route_output_key_hash`, `ip6_route_output_flags`).
@@ -41,7 +46,7 @@ pub(crate) fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     };
     let daddr = load::<u32>(flow, offset!(flowi4_daddr)).to_ne_bytes();
     peer.remote[..4].copy_from_slice(&daddr);
-    let Some(slot) = peer_slot(&peer) else {
+    let Some(slot) = peer_slot(&peer, PEER_CACHE_FIB4) else {
         return Ok(());
     };
     let key = RouteKey { peer: slot, mark: load(flow, offset!(flowi4_mark)), table: ctx.arg(0), _pad: 0 };
@@ -72,7 +77,7 @@ pub(crate) fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
         remote: read(flow, offset!(flowi6_daddr))?,
         ..PeerKey::default()
     };
-    let Some(slot) = peer_slot(&peer) else {
+    let Some(slot) = peer_slot(&peer, PEER_CACHE_FIB6) else {
         return Ok(());
     };
     let key = RouteKey {

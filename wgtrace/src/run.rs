@@ -411,17 +411,19 @@ fn spawn_discovery(mut discoverer: Discoverer, interval: Duration) -> Result<Dis
                             let _ = first_sender.send(Ok(()));
                             continue;
                         }
-                        // The run ends (or, if it went on without waiting,
-                        // is told below like any later failure).
-                        Err(err) if !first_sender.is_closed() => {
-                            let _ = first_sender.send(Err(err));
-                            return;
-                        }
-                        Err(err) => {
-                            failing = true;
-                            log::warn!("discovering tunnels: {err:#}; retrying");
-                            continue;
-                        }
+                        // The run ends; or, if it stopped waiting (even
+                        // between a check and this send), the failure is
+                        // logged like any later one and discovery goes on.
+                        Err(err) => match first_sender.send(Err(err)) {
+                            Ok(()) => return,
+                            Err(unsent) => {
+                                failing = true;
+                                if let Err(err) = unsent {
+                                    log::warn!("discovering tunnels: {err:#}; retrying");
+                                }
+                                continue;
+                            }
+                        },
                     }
                 }
                 match discovered {

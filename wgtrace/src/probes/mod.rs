@@ -279,10 +279,16 @@ impl Tracer {
         for key in stale {
             let _ = peers.remove(&key);
         }
+        let mut failed = None;
         for (key, slot) in &wanted {
             if peers.get(key, 0).ok() != Some(*slot) {
-                peers.insert(key, slot, 0).context("updating PEERS")?;
+                // Even a failed insert may follow removals: the generation
+                // is bumped either way, below.
                 changed = true;
+                if let Err(err) = peers.insert(key, slot, 0) {
+                    failed = Some(err);
+                    break;
+                }
             }
         }
         if changed {
@@ -292,6 +298,9 @@ impl Tracer {
                 self.ebpf.map_mut("PEERS_GENERATION").context("PEERS_GENERATION map missing")?,
             )?;
             generation.set(0, self.peers_generation, 0).context("updating PEERS_GENERATION")?;
+        }
+        if let Some(err) = failed {
+            return Err(anyhow::Error::new(err).context("updating PEERS"));
         }
 
         let bits = peers::port_bitmap(topology);

@@ -197,7 +197,13 @@ pub fn transport_namespaces(
     taken.extend(topology.candidates.iter().map(|c| (c.netns, c.socket.port)));
     let namespaces: Vec<u64> = topology.namespaces.keys().copied().collect();
     let places = place_sockets(&wanted, &namespaces, &taken, |netns, port| match bound(netns, port) {
-        Ok(sockets) => sockets.iter().any(|s| s.local.is_unspecified()),
+        // Only a root-owned socket: any user can make a namespace of their
+        // own (an unprivileged user namespace is enough) and bind the port
+        // there, and must not be able to steer where the transport is
+        // judged. A kernel socket is owned by whoever brought the interface
+        // up, root on the host; one brought up by a container's mapped root
+        // is not placed, and the interface's own namespace is kept.
+        Ok(sockets) => sockets.iter().any(|s| s.local.is_unspecified() && s.uid == 0),
         Err(err) => {
             log::debug!("UDP sockets on port {port} in {}: {err:#}", topology.netns_label(netns));
             false
