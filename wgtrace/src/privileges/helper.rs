@@ -21,8 +21,9 @@
 //! and again by the caller, which stops waiting and reports the daemon
 //! unreadable.
 //!
-//! The helper never reads a byte another process wrote to a socket, never
-//! parses a netlink answer, and takes requests only from its parent, whose
+//! The helper never reads a byte another process wrote to a socket, parses
+//! no netlink answer but the kernel's own sock_diag reply naming a UAPI
+//! socket's owner, and takes requests only from its parent, whose
 //! requests it validates (namespace handles, interface names, protocols).
 //! It exits when the parent closes its end, and is killed if the parent dies.
 
