@@ -196,14 +196,39 @@ pub struct PeerKey {
 }
 
 /// One way of the per-CPU peer cache: a `PEERS` answer, valid while the
-/// map's generation (bumped by userspace on every change) is unchanged.
+/// map's generation (bumped by userspace on every change) is unchanged, and,
+/// in the packet hooks' ways, that peer's counts on its current path on
+/// this CPU, not yet added to `PATHS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerCacheEntry {
     pub key: PeerKey,
+    /// The peer's slot, or `u32::MAX`: `PEERS` has no such peer.
     pub slot: u32,
     pub generation: u32,
+    pub _pad: u32,
+    pub pending: PendingPath,
 }
+
+/// A peer's counts on one path, kept in its cache way on one CPU so that a
+/// packet costs no hash lookup. They move to `PATHS` (under the way's slot
+/// and the hook's direction) only when something changes: the way is taken
+/// by another peer or slot, or another path of the peer takes it over.
+/// `flushes` counts those moves, so that userspace can tell a consistent
+/// reading of `PATHS` plus the ways from one a move fell into.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingPath {
+    /// 0: no path (no device has index 0).
+    pub ifindex: u32,
+    pub mark: u32,
+    pub stats: PathStats,
+    pub flushes: u64,
+}
+
+/// A way's path that has seen no packet for this long may be taken over by
+/// another path of its peer (after a fix, the old path stops at once).
+pub const PENDING_IDLE_NS: u64 = 1_000_000_000;
 
 /// One path of one known peer's transport: where (device, direction) and
 /// with which mark. The peer is userspace's slot number from `PEERS`; the
@@ -393,6 +418,7 @@ mod pod {
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for PathKey {}
     unsafe impl aya::Pod for PathStats {}
+    unsafe impl aya::Pod for PeerCacheEntry {}
     unsafe impl aya::Pod for RouteKey {}
     unsafe impl aya::Pod for RouteStats {}
     unsafe impl aya::Pod for DeviceKey {}

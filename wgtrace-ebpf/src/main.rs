@@ -28,7 +28,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
@@ -39,11 +39,11 @@ use wgtrace_common::{
     DIR_INGRESS, DeviceKey, EVENT_CANDIDATE, EVENT_HANDSHAKE, EVENT_NEW_FLOW, EVENT_NEW_ROUTE, EVENT_PLAINTEXT,
     EVENT_TRANSMIT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_RAW, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
     OFFSET_UNAVAILABLE, PATH_MAP_ENTRIES, PEER_CACHE_FIB4, PEER_CACHE_FIB6, PEER_CACHE_HOOKS, PEER_CACHE_RECEIVE,
-    PEER_CACHE_WAYS, PEER_CACHE_XMIT, PEER_MAP_ENTRIES, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST, PLAINTEXT_SYN,
-    PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerCacheEntry, PeerKey, PlaintextEvent,
-    RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW, TRANSMIT_BY_LENGTH,
-    TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent, TransmitKey,
-    TransmitOrigin, ciphertext_length,
+    PEER_CACHE_WAYS, PEER_CACHE_XMIT, PEER_MAP_ENTRIES, PENDING_IDLE_NS, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST,
+    PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerCacheEntry, PeerKey,
+    PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW,
+    TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent,
+    TransmitKey, TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -160,16 +160,21 @@ fn tunnel_port(port: u16) -> bool {
     }
 }
 
-/// The slot of the known peer `peer` names, if any. A tunnel's packets and
-/// its socket's route lookups come in runs of the same peer on a CPU, so
-/// the answer is cached per CPU, direct-mapped by ports: a hit costs a few
-/// loads and compares, a miss or a stale generation one `PEERS` lookup.
-/// Only hits are cached: a packet of no known peer leaves nothing. `hook`
-/// (a `PEER_CACHE_*` constant) picks the hook's own ways: a program
-/// interrupted halfway through rewriting an entry by another program on the
-/// same CPU would otherwise leave one peer's key with another's slot.
+/// The slot of the known peer `peer` names, if any, and its cache way. A
+/// tunnel's packets and its socket's route lookups come in runs of the same
+/// peer on a CPU, and so do the packets and lookups a router forwards for a
+/// tunnel port it does not own (the port bitmap is host-wide). So each CPU
+/// caches the answer, direct-mapped by ports: a hit, or a cached "no such
+/// peer", costs a few loads and compares; a miss or a stale generation one
+/// `PEERS` lookup. The cache is a fixed per-CPU array: no packet can grow
+/// it, only take a way. `hook` (a `PEER_CACHE_*` constant) picks the hook's
+/// own ways: a program interrupted halfway through rewriting an entry by
+/// another program on the same CPU would otherwise leave one peer's key
+/// with another's slot. A packet hook's way also holds its peer's pending
+/// counts (see [`PendingPath`]): they move to `PATHS` before the way changes
+/// hands.
 #[inline(always)]
-fn peer_slot(peer: &PeerKey, hook: u32) -> Option<u32> {
+fn peer_way(peer: &PeerKey, hook: u32) -> Option<(u32, *mut PeerCacheEntry)> {
     let generation = match PEERS_GENERATION.get(0) {
         Some(generation) => *generation,
         None => 0,
@@ -181,21 +186,43 @@ fn peer_slot(peer: &PeerKey, hook: u32) -> Option<u32> {
     // Compared as words: no memcmp in BPF.
     let wanted: [u32; 7] = unsafe { core::ptr::read_unaligned(peer as *const PeerKey as *const [u32; 7]) };
     let cached: [u32; 7] = unsafe { core::ptr::read_unaligned(&(*entry).key as *const PeerKey as *const [u32; 7]) };
-    let mut difference = unsafe { (*entry).generation } ^ generation;
+    let mut key_difference = 0;
     for i in 0..7 {
-        difference |= wanted[i] ^ cached[i];
+        key_difference |= wanted[i] ^ cached[i];
     }
-    if difference == 0 {
-        return Some(unsafe { (*entry).slot });
-    }
-    let slot = *unsafe { PEERS.get(peer) }?;
-    unsafe {
-        (*entry).key = *peer;
-        (*entry).slot = slot;
-        (*entry).generation = generation;
-    }
-    Some(slot)
+    let slot = if key_difference | (unsafe { (*entry).generation } ^ generation) == 0 {
+        unsafe { (*entry).slot }
+    } else {
+        let slot = match unsafe { PEERS.get(peer) } {
+            Some(slot) => *slot,
+            None => NO_PEER,
+        };
+        unsafe {
+            // Constant per program: the FIB hooks' ways never hold counts.
+            let packet_hook = hook == PEER_CACHE_XMIT || hook == PEER_CACHE_RECEIVE;
+            if packet_hook && (*entry).pending.ifindex != 0 && (key_difference != 0 || slot != (*entry).slot) {
+                let direction = if hook == PEER_CACHE_XMIT { DIR_EGRESS } else { DIR_INGRESS };
+                packets::flush_pending(entry, direction);
+            }
+            (*entry).key = *peer;
+            (*entry).slot = slot;
+            (*entry).generation = generation;
+        }
+        slot
+    };
+    if slot == NO_PEER { None } else { Some((slot, entry)) }
 }
+
+/// The slot of the known peer `peer` names, for hooks that keep no
+/// pending counts.
+#[inline(always)]
+fn peer_slot(peer: &PeerKey, hook: u32) -> Option<u32> {
+    peer_way(peer, hook).map(|(slot, _)| slot)
+}
+
+/// A cached answer of `PEERS`: no such peer. Userspace's slots count up
+/// from 1 and are never reused, so none is ever this one.
+const NO_PEER: u32 = u32::MAX;
 
 #[inline(always)]
 fn netns_of_device(dev: *const u8) -> u32 {
@@ -203,12 +230,14 @@ fn netns_of_device(dev: *const u8) -> u32 {
     load(net, offset!(net_inum))
 }
 
+/// The sending task's namespace, through BTF-typed pointers (plain loads):
+/// only right in process context, which is where output route lookups run.
 #[inline(always)]
-fn netns_of_current_task() -> Result<u32, ()> {
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    let nsproxy: *const u8 = read(task, offset!(task_nsproxy))?;
-    let net: *const u8 = read(nsproxy, offset!(nsproxy_net))?;
-    read(net, offset!(net_inum))
+fn netns_of_current_task() -> u32 {
+    let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task_btf() } as *const u8;
+    let nsproxy: *const u8 = load(task, offset!(task_nsproxy));
+    let net: *const u8 = load(nsproxy, offset!(nsproxy_net));
+    load(net, offset!(net_inum))
 }
 
 #[inline(always)]

@@ -209,7 +209,7 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
     };
     // Only a known tunnel socket talking to a known endpoint goes on.
     let hook = if egress { PEER_CACHE_XMIT } else { PEER_CACHE_RECEIVE };
-    let Some(slot) = peer_slot(&peer, hook) else {
+    let Some((slot, way)) = peer_way(&peer, hook) else {
         return super::speakers::on_candidate(packet, &peer, udp_length);
     };
     // Everything between a tunnel's socket and its peer's endpoint is that
@@ -232,42 +232,31 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
         _pad: [0; 3],
     };
     let (packets, bytes) = wire_counts(packet, udp_length);
-    let fragmented = packet.first_fragment as u64;
     let now = unsafe { bpf_ktime_get_ns() };
-    let new_path = match PATHS.get_ptr_mut(&key) {
-        Some(stats) => {
-            unsafe {
-                (*stats).packets += packets;
-                (*stats).bytes += bytes;
-                (*stats).last_seen_ns = now;
-                (*stats).fragmented += fragmented;
-            }
-            false
+    let counted = PathStats { packets, bytes, last_seen_ns: now, fragmented: packet.first_fragment as u64 };
+    // Counted in the peer's cache way while the path stays the same: no
+    // hash lookup. A path that is new here takes the way over if it is
+    // free or its path went quiet; any other (a packet seen on a VLAN, its
+    // bond and the bond's port in turn) is counted in `PATHS` directly.
+    let pending = unsafe { &mut (*way).pending };
+    let new_path = if pending.ifindex == key.ifindex && pending.mark == key.mark {
+        pending.stats.packets += packets;
+        pending.stats.bytes += bytes;
+        pending.stats.last_seen_ns = now;
+        pending.stats.fragmented += counted.fragmented;
+        false
+    } else if pending.ifindex == 0 || now.wrapping_sub(pending.stats.last_seen_ns) > PENDING_IDLE_NS {
+        if pending.ifindex != 0 {
+            flush_pending(way, packet.direction);
         }
-        None => {
-            // Checked once per path, when it would start: a forged packet
-            // never gets a path of its own, so it can never make a verdict.
-            if egress && forged(packet.skb)? {
-                count(COUNTER_FORGED);
-                return Ok(());
-            }
-            let stats = PathStats { packets, bytes, last_seen_ns: now, fragmented };
-            if PATHS.insert(&key, &stats, BPF_NOEXIST).is_err() {
-                // Another CPU created it in between: count there.
-                match PATHS.get_ptr_mut(&key) {
-                    Some(stats) => unsafe {
-                        (*stats).packets += packets;
-                        (*stats).bytes += bytes;
-                        (*stats).last_seen_ns = now;
-                        (*stats).fragmented += fragmented;
-                    },
-                    None => count(COUNTER_PATHS_FULL),
-                }
-                false
-            } else {
-                true
-            }
-        }
+        let new_path = catalog_path(&key, packet)?;
+        let pending = unsafe { &mut (*way).pending };
+        pending.ifindex = key.ifindex;
+        pending.mark = key.mark;
+        pending.stats = counted;
+        new_path
+    } else {
+        count_in_paths(&key, &counted, packet)?
     };
     let payload_length = udp_length.wrapping_sub(8);
     if message_type == wire::MESSAGE_TRANSPORT_DATA || message_type == 0 {
@@ -298,6 +287,74 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
         count(COUNTER_EVENTS_LOST);
     }
     Ok(())
+}
+
+/// Adds `counted` to `key`'s counts in `PATHS`; whether the path is new
+/// there. Err: the packet is forged, and not counted.
+#[inline(always)]
+fn count_in_paths(key: &PathKey, counted: &PathStats, packet: &Packet) -> Result<bool, ()> {
+    if add_to_paths(key, counted) {
+        return Ok(false);
+    }
+    // Checked once per path, when it would start: a forged packet never
+    // gets a path of its own, so it can never make a verdict.
+    if packet.direction == DIR_EGRESS && forged(packet.skb)? {
+        count(COUNTER_FORGED);
+        return Err(());
+    }
+    if PATHS.insert(key, counted, BPF_NOEXIST).is_ok() {
+        return Ok(true);
+    }
+    // Another CPU created it in between: count there.
+    if !add_to_paths(key, counted) {
+        count(COUNTER_PATHS_FULL);
+    }
+    Ok(false)
+}
+
+/// Makes sure `PATHS` knows `key` (with no counts: they stay pending in the
+/// way); whether it is new. Err: the packet is forged.
+#[inline(always)]
+fn catalog_path(key: &PathKey, packet: &Packet) -> Result<bool, ()> {
+    count_in_paths(key, &PathStats::default(), packet)
+}
+
+#[inline(always)]
+fn add_to_paths(key: &PathKey, counted: &PathStats) -> bool {
+    match PATHS.get_ptr_mut(key) {
+        Some(stats) => {
+            unsafe {
+                (*stats).packets += counted.packets;
+                (*stats).bytes += counted.bytes;
+                if counted.last_seen_ns > (*stats).last_seen_ns {
+                    (*stats).last_seen_ns = counted.last_seen_ns;
+                }
+                (*stats).fragmented += counted.fragmented;
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// Moves a way's pending counts to `PATHS` and frees the way's path.
+/// `flushes` is odd while the move is under way and advances by two, so
+/// that userspace reading the way and `PATHS` can tell it happened.
+#[inline(always)]
+pub(crate) fn flush_pending(way: *mut PeerCacheEntry, direction: u8) {
+    unsafe {
+        let pending = &mut (*way).pending;
+        pending.flushes += 1;
+        let key = PathKey { peer: (*way).slot, ifindex: pending.ifindex, mark: pending.mark, direction, _pad: [0; 3] };
+        // Evicted meanwhile (a host with more paths than the map): the
+        // counts start it again.
+        if !add_to_paths(&key, &pending.stats) && PATHS.insert(&key, &pending.stats, 0).is_err() {
+            count(COUNTER_PATHS_FULL);
+        }
+        pending.ifindex = 0;
+        pending.stats = PathStats::default();
+        pending.flushes += 1;
+    }
 }
 
 /// A tunnel is known by its own socket: a WireGuard-shaped packet written

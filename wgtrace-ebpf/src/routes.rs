@@ -1,13 +1,17 @@
 //! Routing decisions: the FIB hooks, gated on the listen-port bitmap like
 //! the packet hooks, recording known peers' lookups per (peer, mark, table).
-//! Input route lookups are not filtered out by their input device: with
-//! such a filter, the VM's nesting test (kernel WireGuard on Debian's 6.1,
-//! which caches its output routes per peer in a `dst_cache`) saw none of
-//! the client's route decisions, not yet explained, and the filter measured
-//! no cheaper.
+//! Successful input route lookups are kept (their result device names their
+//! namespace): with all input lookups filtered out by their input device,
+//! the VM's nesting test (kernel WireGuard on Debian's 6.1, which caches its
+//! output routes per peer in a `dst_cache`, so that it looks up rarely) saw
+//! none of the client's route decisions. Failed ones are dropped: nothing
+//! names their namespace.
 
 #[allow(unused_imports)]
 use super::*;
+
+/// `flowi4_iif` of an output lookup (`ip_route_output_key_hash` sets it).
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// `trace_fib_table_lookup(tb_id, flp, nhc, err)`: fires once per table a
 /// lookup visits, so one packet can produce several (e.g. main, suppressed by
@@ -28,8 +32,19 @@ pub(crate) fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let error: i32 = ctx.arg(3);
     let device: *const u8 =
         if nexthop.is_null() || error != 0 { core::ptr::null() } else { load(nexthop, offset!(fib_nh_common_dev)) };
+    let netns = if !device.is_null() {
+        netns_of_device(device)
+    } else if load::<u32>(flow, offset!(flowi4_iif)) == LOOPBACK_IFINDEX {
+        // An output lookup runs in its sender's context.
+        netns_of_current_task()
+    } else {
+        // A failed input lookup (a forwarded or received packet) names no
+        // namespace: it runs in softirq, on top of whatever task was
+        // current, and a tunnel's own decisions are output lookups.
+        return Ok(());
+    };
     let mut peer = PeerKey {
-        netns: if device.is_null() { netns_of_current_task()? } else { netns_of_device(device) },
+        netns,
         family: AF_INET,
         local_port: sport,
         remote_port: u16::from_be(load(flow, offset!(flowi4_dport))),

@@ -11,10 +11,9 @@ use super::*;
 /// hears of it. Anything else is dropped here, creating no state.
 #[inline(always)]
 pub(crate) fn on_candidate(packet: &Packet, peer: &PeerKey, udp_length: u32) -> Result<(), ()> {
-    let key = CandidateKey { netns: peer.netns, port: peer.local_port, _pad: 0 };
-    let Some(candidate) = (unsafe { CANDIDATES.get(&key) }) else {
-        return Ok(());
-    };
+    // The message's shape first, from bytes already read: the data that a
+    // router forwards for a tunnel port it does not own leaves here, before
+    // any lookup.
     let mut prefix = [0u8; HEADER_PREFIX_LEN];
     prefix.copy_from_slice(&packet.l4_bytes[8..8 + HEADER_PREFIX_LEN]);
     let Some(message) = wire::classify(&prefix, udp_length.wrapping_sub(8)) else {
@@ -25,6 +24,10 @@ pub(crate) fn on_candidate(packet: &Packet, peer: &PeerKey, udp_length: u32) -> 
     {
         return Ok(());
     }
+    let key = CandidateKey { netns: peer.netns, port: peer.local_port, _pad: 0 };
+    let Some(candidate) = (unsafe { CANDIDATES.get(&key) }) else {
+        return Ok(());
+    };
     if packet.direction == DIR_EGRESS && super::packets::forged(packet.skb)? {
         count(COUNTER_FORGED);
         return Ok(());

@@ -5,6 +5,7 @@
 
 pub mod btf;
 pub mod offsets;
+mod paths;
 pub mod peers;
 mod speakers;
 
@@ -190,22 +191,7 @@ impl Tracer {
     /// Per-path counters, summed over CPUs: exact, since every packet is
     /// traced.
     pub fn paths(&self) -> Result<HashMap<PathKey, PathStats>> {
-        let map: PerCpuHashMap<_, PathKey, PathStats> =
-            PerCpuHashMap::try_from(self.ebpf.map("PATHS").context("PATHS map missing")?)?;
-        let mut out = HashMap::new();
-        for entry in map.iter() {
-            // An entry evicted while iterating is simply skipped.
-            let Ok((key, per_cpu)) = entry else { continue };
-            let mut total = PathStats::default();
-            for stats in per_cpu.iter() {
-                total.packets += stats.packets;
-                total.bytes += stats.bytes;
-                total.fragmented += stats.fragmented;
-                total.last_seen_ns = total.last_seen_ns.max(stats.last_seen_ns);
-            }
-            out.insert(key, total);
-        }
-        Ok(out)
+        paths::read(&self.ebpf)
     }
 
     /// Routing-table lookups per (peer, mark, table), summed over CPUs.
