@@ -4,6 +4,14 @@
 #[allow(unused_imports)]
 use super::*;
 
+/// Whether a plaintext sample was taken recently enough to still be on its
+/// way: most data packets are not samples, and skip the lookups.
+#[inline(always)]
+pub(crate) fn sample_in_flight(now: u64) -> bool {
+    let last_sample = LAST_SAMPLE.get(0).copied().unwrap_or(0);
+    now.wrapping_sub(last_sample) <= MAX_TRANSMIT_NS
+}
+
 /// Transmit latency: a sampled plaintext packet is followed to its
 /// encryptions. Kernel WireGuard encrypts in place, so the very skb that
 /// entered the tunnel device leaves the host: matched by identity. Userspace
@@ -12,20 +20,9 @@ use super::*;
 /// leaves, the stage is recorded and the next encryption predicted (a nested
 /// tunnel's transport is itself plaintext for the outer tunnel).
 #[inline(always)]
-pub(crate) fn follow_transmit(
-    skb: *const u8,
-    netns: u32,
-    path: &PathKey,
-    payload_length: u32,
-    ip_length: u32,
-    now: u64,
-) {
-    // Most data packets are not samples: skip the lookups unless a sample
-    // was taken recently enough to still be on its way.
-    let last_sample = LAST_SAMPLE.get(0).copied().unwrap_or(0);
-    if now.wrapping_sub(last_sample) > MAX_TRANSMIT_NS {
-        return;
-    }
+pub(crate) fn follow_transmit(packet: &Packet, netns: u32, path: &PathKey, payload_length: u32, now: u64) {
+    // At most five arguments to a BPF function.
+    let (skb, ip_length) = (packet.skb, packet.ip_length);
     let by_length = TransmitKey { netns: netns, payload_length };
     let (origin, method) = match SKB_SAMPLES.get_ptr(&(skb as u64)) {
         // A recycled skb address with a stale entry is not the sample.
@@ -78,7 +75,7 @@ pub(crate) fn on_plaintext(packet: &Packet) -> Result<(), ()> {
         kind: EVENT_PLAINTEXT,
         direction: packet.direction,
         family: packet.family,
-        remote: if egress { packet.daddr } else { packet.saddr },
+        remote: packet.remote,
         ip_length: packet.ip_length,
         ..PlaintextEvent::default()
     };

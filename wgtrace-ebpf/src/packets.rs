@@ -13,21 +13,23 @@ pub(crate) struct Header([u8; 64]);
 const L4_READ: usize = 8 + HEADER_PREFIX_LEN;
 
 /// The IP-level facts every later step needs.
-pub(crate) struct Packet {
+pub(crate) struct Packet<'a> {
     pub(crate) skb: *const u8,
     pub(crate) dev: *const u8,
     pub(crate) direction: u8,
     pub(crate) family: u16,
     pub(crate) protocol: u8,
-    pub(crate) saddr: [u8; 16],
-    pub(crate) daddr: [u8; 16],
+    /// The far end's address: the destination when leaving, the source
+    /// when arriving (one field, not two: stack is short).
+    pub(crate) remote: [u8; 16],
     /// Where the transport header starts, for the length of a GSO skb.
     pub(crate) l4: *const u8,
     pub(crate) ip_length: u32,
     /// An IPv4 first fragment (more fragments follow).
     pub(crate) first_fragment: bool,
-    /// The first bytes of the transport header.
-    pub(crate) l4_bytes: [u8; L4_READ],
+    /// The first bytes of the transport header, where the gate read them
+    /// (no copy: stack is short).
+    pub(crate) l4_bytes: &'a [u8; L4_READ],
 }
 
 /// The gate every packet on the host passes: the ethertype, one read of
@@ -61,7 +63,7 @@ pub(crate) fn on_packet(skb: *const u8, dev: *const u8, direction: u8) -> Result
         return Ok(());
     }
     // Written in full by the helper (the verifier knows it).
-    let header = unsafe { buffer.assume_init_ref() };
+    let header = unsafe { buffer.assume_init_mut() };
     let bytes = &header.0;
     // The transport's first bytes: after IPv4 without options or IPv6's
     // fixed header; anything else takes the long way. Fixed indices only,
@@ -115,57 +117,47 @@ fn network_header(skb: *const u8, direction: u8) -> *const u8 {
 /// A packet the gate let through, with the bytes it read: parsed in full
 /// and handled.
 #[inline(never)]
-fn inspect(skb: *const u8, dev: *const u8, direction: u8, header: &Header) -> Result<(), ()> {
-    let header = &header.0;
+fn inspect(skb: *const u8, dev: *const u8, direction: u8, header: &mut Header) -> Result<(), ()> {
     let ethertype: u16 = load(skb, offset!(skb_protocol));
     let l3 = network_header(skb, direction);
-    let mut packet = Packet {
-        skb,
-        dev,
-        direction,
-        family: 0,
-        protocol: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
-        l4: l3,
-        ip_length: 0,
-        first_fragment: false,
-        l4_bytes: [0; L4_READ],
-    };
-    if ethertype == ETH_P_IP_RAW {
-        let ihl = ((header[0] & 0x0f) as usize) * 4;
-        let not_first_fragment = (header[6] & 0x1f) != 0 || header[7] != 0;
-        if header[0] >> 4 != 4 || ihl < 20 || not_first_fragment {
+    let mut remote = [0u8; 16];
+    let (family, protocol, ip_length, first_fragment, l4, l4_at) = if ethertype == ETH_P_IP_RAW {
+        let bytes = &header.0;
+        let ihl = ((bytes[0] & 0x0f) as usize) * 4;
+        let not_first_fragment = (bytes[6] & 0x1f) != 0 || bytes[7] != 0;
+        if bytes[0] >> 4 != 4 || ihl < 20 || not_first_fragment {
             return Ok(());
         }
-        packet.protocol = header[9];
-        packet.family = AF_INET;
-        packet.saddr[..4].copy_from_slice(&header[12..16]);
-        packet.daddr[..4].copy_from_slice(&header[16..20]);
-        packet.ip_length = u16::from_be_bytes([header[2], header[3]]) as u32;
-        packet.first_fragment = header[6] & 0x20 != 0;
-        packet.l4 = l3.wrapping_add(ihl);
-        if ihl == 20 {
-            packet.l4_bytes.copy_from_slice(&header[20..20 + L4_READ]);
-        } else {
+        let remote_at = if direction == DIR_EGRESS { 16 } else { 12 };
+        remote[..4].copy_from_slice(&bytes[remote_at..remote_at + 4]);
+        let (protocol, ip_length) = (bytes[9], u16::from_be_bytes([bytes[2], bytes[3]]) as u32);
+        let first_fragment = bytes[6] & 0x20 != 0;
+        let l4 = l3.wrapping_add(ihl);
+        if ihl != 20 {
             // IP options (rare): the transport header is further on, and
-            // the gate could not test it.
-            packet.l4_bytes = read(packet.l4, 0)?;
+            // the gate could not test it. Its bytes go where the options
+            // were, which nothing needs any more.
+            if unsafe { bpf_probe_read_kernel_buf(l4, &mut header.0[20..20 + L4_READ]) }.is_err() {
+                count(COUNTER_READ_ERRORS);
+                return Ok(());
+            }
         }
+        (AF_INET, protocol, ip_length, first_fragment, l4, 20)
     } else {
         // Only a transport header directly after the fixed header; extension
         // headers are rare on tunnel transport and not followed here.
-        if header[0] >> 4 != 6 {
+        let bytes = &header.0;
+        if bytes[0] >> 4 != 6 {
             return Ok(());
         }
-        packet.protocol = header[6];
-        packet.family = AF_INET6;
-        packet.saddr.copy_from_slice(&header[8..24]);
-        packet.daddr.copy_from_slice(&header[24..40]);
-        packet.ip_length = 40 + u16::from_be_bytes([header[4], header[5]]) as u32;
-        packet.l4 = l3.wrapping_add(40);
-        packet.l4_bytes.copy_from_slice(&header[40..40 + L4_READ]);
-    }
+        let remote_at = if direction == DIR_EGRESS { 24 } else { 8 };
+        remote.copy_from_slice(&bytes[remote_at..remote_at + 16]);
+        let ip_length = 40 + u16::from_be_bytes([bytes[4], bytes[5]]) as u32;
+        (AF_INET6, bytes[6], ip_length, false, l3.wrapping_add(40), 40)
+    };
+    // SAFETY: 20 or 40, plus L4_READ, is within the 64-byte header.
+    let l4_bytes = unsafe { &*(header.0.as_ptr().add(l4_at) as *const [u8; L4_READ]) };
+    let packet = Packet { skb, dev, direction, family, protocol, remote, l4, ip_length, first_fragment, l4_bytes };
     match packet.protocol {
         IPPROTO_UDP => on_udp(&packet),
         IPPROTO_TCP | IPPROTO_ICMP | IPPROTO_ICMPV6 => on_plaintext(&packet),
@@ -205,7 +197,7 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
         local_port: if egress { source_port } else { destination_port },
         remote_port: if egress { destination_port } else { source_port },
         _pad: 0,
-        remote: if egress { packet.daddr } else { packet.saddr },
+        remote: packet.remote,
     };
     // Only a known tunnel socket talking to a known endpoint goes on.
     let hook = if egress { PEER_CACHE_XMIT } else { PEER_CACHE_RECEIVE };
@@ -260,32 +252,38 @@ fn on_udp(packet: &Packet) -> Result<(), ()> {
     };
     let payload_length = udp_length.wrapping_sub(8);
     if message_type == wire::MESSAGE_TRANSPORT_DATA || message_type == 0 {
-        if egress && message_type != 0 {
-            follow_transmit(packet.skb, netns, &key, payload_length, packet.ip_length, now);
+        if egress && message_type != 0 && sample_in_flight(now) {
+            follow_transmit(packet, netns, &key, payload_length, now);
         }
         if !new_path {
             return Ok(());
         }
     }
-    let mut event = PacketEvent {
-        kind: if message_type == wire::MESSAGE_TRANSPORT_DATA || message_type == 0 {
+    // Written straight into the ring buffer: a stack copy would take
+    // stack that 6.1's verifier does not have to spare here.
+    let Some(mut entry) = EVENTS.reserve::<PacketEvent>(0) else {
+        count(COUNTER_EVENTS_LOST);
+        return Ok(());
+    };
+    let event = entry.as_mut_ptr();
+    unsafe {
+        (*event).kind = if message_type == wire::MESSAGE_TRANSPORT_DATA || message_type == 0 {
             EVENT_NEW_FLOW
         } else {
             EVENT_HANDSHAKE
-        },
-        message_type,
-        timestamp_ns: now,
-        path: key,
-        netns,
-        length: payload_length,
-        sender: message.map_or(0, |m| m.sender),
-        receiver: message.map_or(0, |m| m.receiver),
-        ..PacketEvent::default()
-    };
-    device_name(packet.dev, &mut event.ifname);
-    if EVENTS.output::<PacketEvent>(&event, 0).is_err() {
-        count(COUNTER_EVENTS_LOST);
+        };
+        (*event).message_type = message_type;
+        (*event)._pad = [0; 3];
+        (*event).timestamp_ns = now;
+        (*event).path = key;
+        (*event).netns = netns;
+        (*event).length = payload_length;
+        (*event).sender = message.map_or(0, |m| m.sender);
+        (*event).receiver = message.map_or(0, |m| m.receiver);
+        (*event).ifname = [0; IFNAMSIZ];
+        device_name(packet.dev, &mut (*event).ifname);
     }
+    entry.submit(0);
     Ok(())
 }
 
