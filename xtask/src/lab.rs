@@ -368,6 +368,25 @@ fn build(options: &LabOptions, state: &mut LabState) -> Result<()> {
          ip addr add 192.0.2.200/32 dev lo; ip addr add 2001:db8:e::1/128 dev lo nodad; ip addr add 2001:db8:c::1/64 dev rc nodad; ip link set rc up; \
          ip addr add 198.51.100.1/24 dev rs; ip addr add 2001:db8:5::1/64 dev rs nodad; ip link set rs up",
     )?;
+    // The router's own packets leave from its service address (the wg1/wg2/wg3
+    // endpoints on lo), as a real host with a loopback service address is set
+    // up. Without it, a server reply's source is whatever the kernel picks for
+    // the outgoing interface unless the daemon pins the address the request
+    // came to. Bookworm's wireguard-go pins it (IP_PKTINFO); trixie's
+    // (0.0.20231211, still so upstream in 0.0.20250522) loses it whenever UDP
+    // GRO is on: splitCoalescedMessages in conn/bind_std.go moves each
+    // datagram without its control message, so the reply goes out with no
+    // IP_PKTINFO and from 198.51.100.1. The wg0 server's masquerade then
+    // cannot match that reply to wg1's NATed initiation (UdpNoPorts there),
+    // so a nested wg1 never completes a handshake.
+    ns(
+        ROUTER,
+        "ip route replace 192.0.2.0/25 dev rc proto kernel scope link src 192.0.2.200; \
+         ip route replace 198.51.100.0/24 dev rs proto kernel scope link src 192.0.2.200; \
+         ip -6 route replace 2001:db8:c::/64 dev rc proto kernel metric 256 src 2001:db8:e::1; \
+         ip -6 route replace 2001:db8:5::/64 dev rs proto kernel metric 256 src 2001:db8:e::1",
+    )
+    .context("giving the router's connected routes its service address as their source")?;
     ns(
         SERVER,
         "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1; \
