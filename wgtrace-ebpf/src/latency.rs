@@ -69,7 +69,7 @@ pub(crate) fn follow_transmit(packet: &Packet, netns: u32, path: &PathKey, paylo
 /// ICMP/ICMPv6 echo and TCP SYN/SYN-ACK on a tunnel's own device: the
 /// requests and replies userspace pairs into the tunnel's inner RTT.
 #[inline(always)]
-pub(crate) fn on_plaintext(packet: &Packet) -> Result<(), ()> {
+pub(crate) fn on_plaintext(packet: &Packet) -> Result<(), super::packets::Forged> {
     let egress = packet.direction == DIR_EGRESS;
     let mut event = PlaintextEvent {
         kind: EVENT_PLAINTEXT,

@@ -279,7 +279,7 @@ pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
 pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
     let skb: *const u8 = ctx.arg(0);
     let dev: *const u8 = ctx.arg(1);
-    let _ = on_packet(skb, dev, DIR_EGRESS);
+    on_packet(skb, dev, DIR_EGRESS);
     0
 }
 
@@ -287,7 +287,7 @@ pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
 pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
     let skb: *const u8 = ctx.arg(0);
     let dev: *const u8 = load(skb, offset!(skb_dev));
-    let _ = on_packet(skb, dev, DIR_INGRESS);
+    on_packet(skb, dev, DIR_INGRESS);
     0
 }
 

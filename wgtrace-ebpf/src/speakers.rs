@@ -10,7 +10,7 @@ use super::*;
 /// initiation or response (not sent from a raw or packet socket), userspace
 /// hears of it. Anything else is dropped here, creating no state.
 #[inline(always)]
-pub(crate) fn on_candidate(packet: &Packet, peer: &PeerKey, udp_length: u32) -> Result<(), ()> {
+pub(crate) fn on_candidate(packet: &Packet, peer: &PeerKey, udp_length: u32) -> Result<(), super::packets::Forged> {
     // The message's shape first, from bytes already read: the data that a
     // router forwards for a tunnel port it does not own leaves here, before
     // any lookup.
@@ -28,9 +28,8 @@ pub(crate) fn on_candidate(packet: &Packet, peer: &PeerKey, udp_length: u32) -> 
     let Some(candidate) = (unsafe { CANDIDATES.get(&key) }) else {
         return Ok(());
     };
-    if packet.direction == DIR_EGRESS && super::packets::forged(packet.skb)? {
-        count(COUNTER_FORGED);
-        return Ok(());
+    if packet.direction == DIR_EGRESS && super::packets::forged(packet.skb) {
+        return Err(super::packets::Forged);
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(budget) = CANDIDATE_BUDGET.get_ptr_mut(0) else {
