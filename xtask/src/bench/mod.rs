@@ -116,11 +116,11 @@ const NON_TUNNEL_REMOTE: &str = "192.0.2.1";
 /// wgtrace traces every packet from its start; this only lets it discover
 /// the topology (its first refresh) before a measurement.
 const SETTLE: Duration = Duration::from_millis(1500);
-/// The loads of the second lab, with trixie's wireguard-go (UDP GSO/GRO):
-/// wg1 comes up fixed there (nested, it got no ping reply in the lab's
-/// bring-up check; see docs/performance.md).
-const GSO_TCP_TESTS: [(&str, &str); 2] =
-    [("wg0 (full tunnel)", lab::WG0_REMOTE), ("wg1 fixed (direct)", lab::WG1_REMOTE)];
+/// The loads of the second lab, with trixie's wireguard-go (UDP GSO/GRO),
+/// the same three as the first lab's TCP loads (wg1 is fixed for the third).
+const GSO_TCP_TESTS: [(&str, &str); 3] = TCP_TESTS;
+/// The GSO lab's load that runs with wg1 fixed.
+const GSO_FIXED_LOAD: usize = 2;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Condition {
@@ -177,7 +177,7 @@ struct Block {
     /// Share of the block with wgtrace's programs attached.
     traced_fraction: Option<f64>,
     /// TCP over the trixie (GSO) lab, per GSO_TCP_TESTS.
-    gso_tcp_mbps: [f64; 2],
+    gso_tcp_mbps: [f64; 3],
     /// Program label → cost under TCP between two lab namespaces, outside any tunnel.
     non_tunnel_costs: BTreeMap<String, Cost>,
     /// Some(None): wgtrace gave no verdict in time.
@@ -292,7 +292,6 @@ pub fn main(options: &Options) -> Result<()> {
             let session = LabSession::up_with(lab::LabOptions {
                 delay_ms: 0,
                 wireguard_go: Some(binary),
-                wg1_fixed: true,
                 ..lab::LabOptions::default()
             })?;
             let servers = IperfServers::start()?;

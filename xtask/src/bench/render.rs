@@ -354,7 +354,7 @@ pub(super) fn render(results: &Results) -> String {
     let _ = writeln!(
         w,
         "\nThe same with Debian trixie's wireguard-go 0.0.20231211 (UDP GSO/GRO and TUN offloads: one skb \
-         carries many wire packets), a second lab brought up after the first with wg1 fixed from the start:\n"
+         carries many wire packets), a second lab brought up after the first, the same three loads:\n"
     );
     let _ = writeln!(
         w,
@@ -562,10 +562,10 @@ pub(super) fn render(results: &Results) -> String {
     let _ = writeln!(w, "\n## Every round\n");
     let _ = writeln!(
         w,
-        "| Round | Condition | wg0 Mbit/s | wg1 broken Mbit/s | wg1 fixed Mbit/s | GSO wg0 Mbit/s | GSO wg1 fixed Mbit/s \
-         | Small packets/s | CPU % | Peak RSS, MB | Events lost | Traced | First verdict |"
+        "| Round | Condition | wg0 Mbit/s | wg1 broken Mbit/s | wg1 fixed Mbit/s | GSO wg0 Mbit/s | GSO wg1 broken Mbit/s \
+         | GSO wg1 fixed Mbit/s | Small packets/s | CPU % | Peak RSS, MB | Events lost | Traced | First verdict |"
     );
-    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(w, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (round, condition, b) in &results.blocks {
         let opt = |v: Option<f64>, decimals: usize| v.map_or("–".into(), |v| format!("{v:.decimals$}"));
         let verdict = match b.first_verdict_ms {
@@ -575,13 +575,14 @@ pub(super) fn render(results: &Results) -> String {
         };
         let _ = writeln!(
             w,
-            "| {round} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {verdict} |",
+            "| {round} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {verdict} |",
             condition.label(),
             b.tcp_mbps[0],
             b.tcp_mbps[1],
             b.tcp_mbps[2],
             b.gso_tcp_mbps[0],
             b.gso_tcp_mbps[1],
+            b.gso_tcp_mbps[2],
             b.udp_pps,
             opt(b.cpu_percent, 2),
             opt(b.rss_peak_kb.map(mb), 1),

@@ -78,19 +78,30 @@ pub(super) fn measure_gso_round(
     let order: Vec<Condition> =
         (0..CONDITIONS.len()).map(|i| CONDITIONS[(i + round as usize - 1) % CONDITIONS.len()]).collect();
     for (i, (label, remote)) in GSO_TCP_TESTS.iter().enumerate() {
-        for &condition in &order {
-            check_interrupted()?;
-            let tracer = start_settled(plan, condition, wgtrace)?;
-            let mbps =
-                tcp(remote, plan.seconds, plan.omit).with_context(|| format!("{label} under {}", condition.label()))?;
-            if let Some(tracer) = tracer {
-                tracer.stop()?;
-            }
-            if let Some((_, _, block)) = blocks.iter_mut().find(|(r, c, _)| *r == round && *c == condition) {
-                block.gso_tcp_mbps[i] = mbps;
-            }
-            std::thread::sleep(Duration::from_millis(300));
+        // As in the first lab: fixed before any tracer starts.
+        if i == GSO_FIXED_LOAD {
+            lab::fix()?;
         }
+        let measured = (|| -> Result<()> {
+            for &condition in &order {
+                check_interrupted()?;
+                let tracer = start_settled(plan, condition, wgtrace)?;
+                let mbps = tcp(remote, plan.seconds, plan.omit)
+                    .with_context(|| format!("{label} under {}", condition.label()))?;
+                if let Some(tracer) = tracer {
+                    tracer.stop()?;
+                }
+                if let Some((_, _, block)) = blocks.iter_mut().find(|(r, c, _)| *r == round && *c == condition) {
+                    block.gso_tcp_mbps[i] = mbps;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Ok(())
+        })();
+        if i == GSO_FIXED_LOAD {
+            lab::unfix()?;
+        }
+        measured?;
     }
     Ok(())
 }
