@@ -36,8 +36,9 @@ pub const COUNTER_READ_ERRORS: u32 = 1;
 /// WireGuard-shaped packets sent by something other than a UDP socket
 /// (raw or packet sockets): forged, never attributed to a tunnel.
 pub const COUNTER_FORGED: u32 = 2;
-/// Known peers' packets dropped because the path map was full of other
-/// paths (it is LRU: this only counts updates that raced an eviction).
+/// Known peers' packets not counted because the path map was full of
+/// other paths (its keys are topology only, and userspace removes those of
+/// peers that are gone, so only a host with more paths than it holds).
 pub const COUNTER_PATHS_FULL: u32 = 3;
 /// Candidate speakers' handshake messages not reported because the
 /// per-CPU budget for them was used up (a flood from a TUN holder).
@@ -68,7 +69,10 @@ pub const PEER_CACHE_FIB4: u32 = 2;
 pub const PEER_CACHE_FIB6: u32 = 3;
 /// Paths (peer, device, mark, direction) and route decisions (peer, mark,
 /// table). Entries exist only for known peers, so these fill only with real
-/// paths; LRU eviction keeps even a pathological host bounded.
+/// paths. `ROUTES` is LRU (touched on every lookup); `PATHS` is not: a busy
+/// path counts in its peer's cache way and touches `PATHS` only when it
+/// moves its counts, so an LRU would take it for the coldest entry.
+/// Userspace removes the paths of peers that are gone.
 pub const PATH_MAP_ENTRIES: u32 = 4096;
 pub const ROUTE_MAP_ENTRIES: u32 = 4096;
 /// The listen-port bitmap: one bit per UDP port, 64 per slot.

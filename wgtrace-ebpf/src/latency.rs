@@ -21,7 +21,6 @@ pub(crate) fn sample_in_flight(now: u64) -> bool {
 /// tunnel's transport is itself plaintext for the outer tunnel).
 #[inline(always)]
 pub(crate) fn follow_transmit(packet: &Packet, netns: u32, path: &PathKey, payload_length: u32, now: u64) {
-    // At most five arguments to a BPF function.
     let (skb, ip_length) = (packet.skb, packet.ip_length);
     let by_length = TransmitKey { netns: netns, payload_length };
     let (origin, method) = match SKB_SAMPLES.get_ptr(&(skb as u64)) {
@@ -69,6 +68,7 @@ pub(crate) fn follow_transmit(packet: &Packet, netns: u32, path: &PathKey, paylo
 /// ICMP/ICMPv6 echo and TCP SYN/SYN-ACK on a tunnel's own device: the
 /// requests and replies userspace pairs into the tunnel's inner RTT.
 #[inline(always)]
+/// Never fails: its result only matches the transport path's.
 pub(crate) fn on_plaintext(packet: &Packet) -> Result<(), super::packets::Forged> {
     let egress = packet.direction == DIR_EGRESS;
     let mut event = PlaintextEvent {

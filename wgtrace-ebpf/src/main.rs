@@ -30,7 +30,7 @@
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::{btf_tracepoint, map},
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePointContext,
 };
 use wgtrace_common::{
@@ -65,7 +65,7 @@ static PEERS: HashMap<PeerKey, u32> = HashMap::with_max_entries(PEER_MAP_ENTRIES
 #[map]
 static PEERS_GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Each CPU's last `PEERS` answers (see [`peer_slot`]).
+/// Each CPU's last `PEERS` answers, and pending path counts (see [`peer_way`]).
 #[map]
 static PEER_CACHE: PerCpuArray<PeerCacheEntry> = PerCpuArray::with_max_entries(PEER_CACHE_HOOKS * PEER_CACHE_WAYS, 0);
 
@@ -82,7 +82,7 @@ static CANDIDATES: HashMap<CandidateKey, u32> = HashMap::with_max_entries(CANDID
 static CANDIDATE_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
-static PATHS: LruPerCpuHashMap<PathKey, PathStats> = LruPerCpuHashMap::with_max_entries(PATH_MAP_ENTRIES, 0);
+static PATHS: PerCpuHashMap<PathKey, PathStats> = PerCpuHashMap::with_max_entries(PATH_MAP_ENTRIES, 0);
 
 #[map]
 static ROUTES: LruPerCpuHashMap<RouteKey, RouteStats> = LruPerCpuHashMap::with_max_entries(ROUTE_MAP_ENTRIES, 0);
@@ -135,10 +135,10 @@ fn read<T>(base: *const u8, offset: usize) -> Result<T, ()> {
 }
 
 /// A field of a kernel struct reached through a BTF-typed pointer (a
-/// tracepoint argument, or a pointer loaded from one): a plain load, which
-/// the verifier checks against the kernel's BTF and makes fault-safe. Much
-/// cheaper than a `bpf_probe_read_kernel` call; packet bytes and the task
-/// struct (reached through an untyped pointer) still use the helper.
+/// tracepoint argument, `bpf_get_current_task_btf`, or a pointer loaded
+/// from one): a plain load, which the verifier checks against the kernel's
+/// BTF and makes fault-safe. Much cheaper than a `bpf_probe_read_kernel`
+/// call; packet bytes (not a BTF type) still use the helper.
 #[inline(always)]
 fn load<T: Copy>(base: *const u8, offset: usize) -> T {
     unsafe { core::ptr::read_volatile(base.wrapping_add(offset) as *const T) }
@@ -197,6 +197,12 @@ fn peer_way(peer: &PeerKey, hook: u32) -> Option<(u32, *mut PeerCacheEntry)> {
             Some(slot) => *slot,
             None => NO_PEER,
         };
+        // A stranger's packet (any source port can hash to this way) does
+        // not evict a peer whose counts are pending and current: it would
+        // force their move to `PATHS` at the stranger's packet rate.
+        if slot == NO_PEER && unsafe { (*entry).pending.ifindex } != 0 && pending_is_current(entry) {
+            return None;
+        }
         unsafe {
             // Constant per program: the FIB hooks' ways never hold counts.
             let packet_hook = hook == PEER_CACHE_XMIT || hook == PEER_CACHE_RECEIVE;
@@ -211,6 +217,13 @@ fn peer_way(peer: &PeerKey, hook: u32) -> Option<(u32, *mut PeerCacheEntry)> {
         slot
     };
     if slot == NO_PEER { None } else { Some((slot, entry)) }
+}
+
+/// Whether a way's pending path saw a packet within `PENDING_IDLE_NS`.
+#[inline(always)]
+fn pending_is_current(entry: *const PeerCacheEntry) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.wrapping_sub(unsafe { (*entry).pending.stats.last_seen_ns }) <= PENDING_IDLE_NS
 }
 
 /// The slot of the known peer `peer` names, for hooks that keep no
@@ -230,8 +243,11 @@ fn netns_of_device(dev: *const u8) -> u32 {
     load(net, offset!(net_inum))
 }
 
-/// The sending task's namespace, through BTF-typed pointers (plain loads):
-/// only right in process context, which is where output route lookups run.
+/// The current task's namespace, through BTF-typed pointers (plain loads).
+/// Right for an output route lookup made by a process (wireguard-go's
+/// socket, a ping); kernel WireGuard sends from a kworker, which is in the
+/// initial namespace, so a namespaced kernel tunnel's failed lookups match
+/// no peer (its successful ones are placed by their result device).
 #[inline(always)]
 fn netns_of_current_task() -> u32 {
     let task = unsafe { aya_ebpf::helpers::generated::bpf_get_current_task_btf() } as *const u8;

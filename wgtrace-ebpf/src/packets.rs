@@ -117,6 +117,9 @@ fn network_header(skb: *const u8, direction: u8) -> *const u8 {
 /// A packet the gate let through, with the bytes it read: parsed in full
 /// and handled.
 #[inline(never)]
+// Its result must be used (`inspect_and_count` tests it): a BPF function
+// whose result nobody uses is compiled to return nothing and leave r0 to
+// chance, and a stack address left there makes the verifier refuse it.
 fn inspect(skb: *const u8, dev: *const u8, direction: u8, header: &mut Header) -> u32 {
     match inspect_packet(skb, dev, direction, header) {
         Ok(()) => 0,
@@ -211,10 +214,14 @@ fn wire_counts(packet: &Packet, udp_length: u32) -> (u64, u64) {
 fn on_udp(packet: &Packet) -> Result<(), Forged> {
     let udp = &packet.l4_bytes;
     let udp_length = u16::from_be_bytes([udp[4], udp[5]]) as u32;
-    let netns = netns_of_device(packet.dev);
     let source_port = u16::from_be_bytes([udp[0], udp[1]]);
     let destination_port = u16::from_be_bytes([udp[2], udp[3]]);
     let egress = packet.direction == DIR_EGRESS;
+    // The gate's test, for packets that came the long way (IPv4 options).
+    if !tunnel_port(if egress { source_port } else { destination_port }) {
+        return Ok(());
+    }
+    let netns = netns_of_device(packet.dev);
     let peer = PeerKey {
         netns,
         family: packet.family,

@@ -35,7 +35,8 @@ pub(crate) fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let netns = if !device.is_null() {
         netns_of_device(device)
     } else if load::<u32>(flow, offset!(flowi4_iif)) == LOOPBACK_IFINDEX {
-        // An output lookup runs in its sender's context.
+        // An output lookup: made by its sender (see the limit for kernel
+        // WireGuard at `netns_of_current_task`).
         netns_of_current_task()
     } else {
         // A failed input lookup (a forwarded or received packet) names no

@@ -277,9 +277,11 @@ fn cargo_test(args: &[String], wireguard_go: Option<&Path>, totals: &mut (u64, u
         .env("WGTRACE_BIN", &wgtrace)
         .env("WGTRACE_LAB_HELPER", std::env::current_exe()?)
         .stdout(Stdio::piped());
-    if let Some(binary) = wireguard_go {
-        command.env("WGTRACE_LAB_WIREGUARD_GO", binary);
-    }
+    // The first pass is bookworm's (on PATH), whatever the caller's shell says.
+    match wireguard_go {
+        Some(binary) => command.env("WGTRACE_LAB_WIREGUARD_GO", binary),
+        None => command.env_remove("WGTRACE_LAB_WIREGUARD_GO"),
+    };
     let mut child = command.spawn().context("running cargo test")?;
     for line in std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().expect("piped"))) {
         let line = line?;

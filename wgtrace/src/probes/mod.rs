@@ -93,6 +93,7 @@ pub struct Tracer {
     port_bits: Vec<u64>,
     /// `PEERS_GENERATION` as last written (0: PEERS never written).
     peers_generation: u32,
+    path_readings: paths::Monotonic,
 }
 
 impl Tracer {
@@ -153,6 +154,7 @@ impl Tracer {
             peers: PeerSlots::default(),
             port_bits: vec![0; PORT_BITMAP_SLOTS as usize],
             peers_generation: 0,
+            path_readings: paths::Monotonic::default(),
         })
     }
 
@@ -188,10 +190,10 @@ impl Tracer {
         self.events.as_raw_fd()
     }
 
-    /// Per-path counters, summed over CPUs: exact, since every packet is
-    /// traced.
-    pub fn paths(&self) -> Result<HashMap<PathKey, PathStats>> {
-        paths::read(&self.ebpf)
+    /// Per-path counters, summed over CPUs: every packet is traced, and
+    /// counted once (see [`paths`] for a reading a move fell into).
+    pub fn paths(&mut self) -> Result<HashMap<PathKey, PathStats>> {
+        self.path_readings.read(&self.ebpf)
     }
 
     /// Routing-table lookups per (peer, mark, table), summed over CPUs.
@@ -288,6 +290,10 @@ impl Tracer {
         if let Some(err) = failed {
             return Err(anyhow::Error::new(err).context("updating PEERS"));
         }
+        // `PATHS` is not LRU: the paths of peers whose slots are gone go
+        // here (a way may still move counts of a gone slot there; the next
+        // round removes them).
+        paths::forget_slots(&mut self.ebpf, |slot| self.peers.peer(slot).is_some())?;
 
         let bits = peers::port_bitmap(topology);
         let mut array: aya::maps::Array<_, u64> =

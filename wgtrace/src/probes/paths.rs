@@ -27,7 +27,9 @@ const ATTEMPTS: usize = 4;
 /// way of every CPU, in a fixed order.
 type Ways = Vec<(u8, PeerCacheEntry)>;
 
-/// Per-path counters, summed over CPUs: exact, since every packet is traced.
+/// Per-path counters, summed over CPUs, as one reading of the maps: every
+/// packet counted once, unless a move fell into each of the attempts (then
+/// the last attempt, which may miss what moved: see [`Monotonic`]).
 pub fn read(ebpf: &Ebpf) -> Result<HashMap<PathKey, PathStats>> {
     let mut last = HashMap::new();
     for _ in 0..ATTEMPTS {
@@ -43,17 +45,60 @@ pub fn read(ebpf: &Ebpf) -> Result<HashMap<PathKey, PathStats>> {
     Ok(last)
 }
 
+/// Readings that never go backwards: a reading can only miss counts (a
+/// move between reading `PATHS` and the ways), never count twice, so each
+/// path keeps the highest counts seen. Counters built on it (Prometheus)
+/// never see a false reset. Bounded by `PATHS`: only paths still there are
+/// kept.
+#[derive(Default)]
+pub struct Monotonic {
+    last: HashMap<PathKey, PathStats>,
+}
+
+impl Monotonic {
+    pub fn read(&mut self, ebpf: &Ebpf) -> Result<HashMap<PathKey, PathStats>> {
+        Ok(self.follow(read(ebpf)?))
+    }
+
+    fn follow(&mut self, mut reading: HashMap<PathKey, PathStats>) -> HashMap<PathKey, PathStats> {
+        for (key, stats) in &mut reading {
+            if let Some(before) = self.last.get(key) {
+                stats.packets = stats.packets.max(before.packets);
+                stats.bytes = stats.bytes.max(before.bytes);
+                stats.fragmented = stats.fragmented.max(before.fragmented);
+                stats.last_seen_ns = stats.last_seen_ns.max(before.last_seen_ns);
+            }
+        }
+        self.last = reading.clone();
+        reading
+    }
+}
+
 fn read_catalogue(ebpf: &Ebpf) -> Result<HashMap<PathKey, PathStats>> {
     let map: PerCpuHashMap<_, PathKey, PathStats> =
         PerCpuHashMap::try_from(ebpf.map("PATHS").context("PATHS map missing")?)?;
     let mut out: HashMap<PathKey, PathStats> = HashMap::new();
     for entry in map.iter() {
-        // An entry evicted while iterating is simply skipped.
+        // An entry removed while iterating is skipped; the walk may then
+        // start over, so a key seen again replaces its first reading.
         let Ok((key, per_cpu)) = entry else { continue };
-        let total = out.entry(key).or_default();
-        per_cpu.iter().for_each(|stats| add(total, stats));
+        let mut total = PathStats::default();
+        per_cpu.iter().for_each(|stats| add(&mut total, stats));
+        out.insert(key, total);
     }
     Ok(out)
+}
+
+/// Removes from `PATHS` every path of a slot `known` says is gone.
+pub fn forget_slots(ebpf: &mut Ebpf, known: impl Fn(u32) -> bool) -> Result<()> {
+    let mut map: PerCpuHashMap<_, PathKey, PathStats> =
+        PerCpuHashMap::try_from(ebpf.map_mut("PATHS").context("PATHS map missing")?)?;
+    let gone: Vec<PathKey> = map.keys().filter_map(Result::ok).filter(|key| !known(key.peer)).collect();
+    for key in gone {
+        // Already gone is as good.
+        let _ = map.remove(&key);
+    }
+    Ok(())
 }
 
 fn read_ways(ebpf: &Ebpf) -> Result<Ways> {
@@ -83,9 +128,10 @@ fn no_move_between(before: &Ways, after: &Ways) -> bool {
 fn with_pending(mut paths: HashMap<PathKey, PathStats>, ways: &Ways) -> HashMap<PathKey, PathStats> {
     for (direction, entry) in ways {
         let pending = &entry.pending;
-        // A way with no path, or one that answered "no such peer" (its
-        // counts were moved when it did).
-        if pending.ifindex == 0 || entry.slot == u32::MAX {
+        // A way with no path, one that answered "no such peer" (its counts
+        // were moved when it did), or one caught while taking a new path
+        // over (its counts not written yet).
+        if pending.ifindex == 0 || entry.slot == u32::MAX || pending.stats.packets == 0 {
             continue;
         }
         let key = PathKey {
@@ -141,12 +187,26 @@ mod tests {
             (DIR_INGRESS, way(1, 4, 5, 0)),
             (DIR_EGRESS, way(2, 0, 0, 0)),
             (DIR_EGRESS, way(u32::MAX, 4, 8, 0)),
+            (DIR_INGRESS, way(1, 9, 0, 0)),
         ];
         let total = with_pending(paths, &ways);
         assert_eq!(total.len(), 2);
         let egress = total[&key(1, 4, DIR_EGRESS)];
         assert_eq!((egress.packets, egress.bytes, egress.last_seen_ns, egress.fragmented), (15, 1500, 9, 1));
         assert_eq!(total[&key(1, 4, DIR_INGRESS)].packets, 5);
+    }
+
+    #[test]
+    fn readings_never_go_backwards() {
+        let mut monotonic = Monotonic::default();
+        let reading = |packets: u64| HashMap::from([(key(1, 4, DIR_EGRESS), way(1, 4, packets, 0).pending.stats)]);
+        assert_eq!(monotonic.follow(reading(10))[&key(1, 4, DIR_EGRESS)].packets, 10);
+        // A move fell between the readings: 4 packets were in neither map.
+        assert_eq!(monotonic.follow(reading(6))[&key(1, 4, DIR_EGRESS)].packets, 10);
+        assert_eq!(monotonic.follow(reading(12))[&key(1, 4, DIR_EGRESS)].packets, 12);
+        // A path gone from the maps is forgotten.
+        assert!(monotonic.follow(HashMap::new()).is_empty());
+        assert_eq!(monotonic.follow(reading(3))[&key(1, 4, DIR_EGRESS)].packets, 3);
     }
 
     #[test]

@@ -119,8 +119,8 @@ const SETTLE: Duration = Duration::from_millis(1500);
 /// The loads of the second lab, with trixie's wireguard-go (UDP GSO/GRO),
 /// the same three as the first lab's TCP loads (wg1 is fixed for the third).
 const GSO_TCP_TESTS: [(&str, &str); 3] = TCP_TESTS;
-/// The GSO lab's load that runs with wg1 fixed.
-const GSO_FIXED_LOAD: usize = 2;
+/// The TCP load (of either lab) that runs with wg1 fixed.
+const FIXED_LOAD: usize = 2;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Condition {
@@ -141,7 +141,7 @@ impl Condition {
     }
 }
 
-/// The TCP throughput tests: label, far end, whether wg1 is fixed.
+/// The TCP throughput tests: label, far end (wg1 is fixed for `FIXED_LOAD`).
 const TCP_TESTS: [(&str, &str); 3] = [
     ("wg0 (full tunnel)", lab::WG0_REMOTE),
     ("wg1 broken (nested in wg0)", lab::WG1_REMOTE),

@@ -25,11 +25,11 @@ pub(super) fn measure_round(
     let order: Vec<Condition> =
         (0..CONDITIONS.len()).map(|i| CONDITIONS[(i + round as usize - 1) % CONDITIONS.len()]).collect();
     let mut blocks: BTreeMap<usize, Block> = BTreeMap::new();
-    let loads = [Load::Tcp(0), Load::Tcp(1), Load::Tcp(2), Load::SmallUdp];
+    let loads = [Load::Tcp(0), Load::Tcp(1), Load::Tcp(FIXED_LOAD), Load::SmallUdp];
     for load in loads {
         // wg1 fixed: fixed before any tracer starts, so no tracer sees the
         // change (wgtrace would trace it continuously for its first seconds).
-        if load == Load::Tcp(2) {
+        if load == Load::Tcp(FIXED_LOAD) {
             lab::fix()?;
         }
         let measured = (|| -> Result<()> {
@@ -41,7 +41,7 @@ pub(super) fn measure_round(
             }
             Ok(())
         })();
-        if load == Load::Tcp(2) {
+        if load == Load::Tcp(FIXED_LOAD) {
             lab::unfix()?;
         }
         measured?;
@@ -79,7 +79,7 @@ pub(super) fn measure_gso_round(
         (0..CONDITIONS.len()).map(|i| CONDITIONS[(i + round as usize - 1) % CONDITIONS.len()]).collect();
     for (i, (label, remote)) in GSO_TCP_TESTS.iter().enumerate() {
         // As in the first lab: fixed before any tracer starts.
-        if i == GSO_FIXED_LOAD {
+        if i == FIXED_LOAD {
             lab::fix()?;
         }
         let measured = (|| -> Result<()> {
@@ -98,7 +98,7 @@ pub(super) fn measure_gso_round(
             }
             Ok(())
         })();
-        if i == GSO_FIXED_LOAD {
+        if i == FIXED_LOAD {
             lab::unfix()?;
         }
         measured?;
