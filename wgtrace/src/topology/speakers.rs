@@ -14,6 +14,7 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -137,10 +138,19 @@ struct Learned {
     mark: Option<u32>,
 }
 
+/// How long a confirmed speaker that one discovery did not list (its
+/// sockets unreadable for a moment: a busy privileged helper, a process
+/// mid-exec) is kept. Once confirmed, its handshakes are a known peer's and
+/// no longer a candidate's, so dropping it at once would lose it for as
+/// long as its peer's slot outlives it (the probes keep a vanished peer's
+/// slot for 30 s too).
+pub const CONFIRMED_GRACE: Duration = Duration::from_secs(30);
+
 /// The candidates of the newest discovery and what their packets showed.
 /// Bounded: at most [`MAX_CANDIDATES`] candidates, each with at most
 /// [`MAX_PENDING`] open initiations and [`MAX_SPEAKER_PEERS`] peers; state
-/// of a candidate that vanished from discovery is dropped with it.
+/// of a candidate that vanished from discovery is dropped with it (after
+/// [`CONFIRMED_GRACE`] for a confirmed speaker).
 #[derive(Default)]
 pub struct Speakers {
     /// Candidate number (as the kernel map holds it) to candidate.
@@ -148,12 +158,18 @@ pub struct Speakers {
     numbers: HashMap<(u32, u64), u32>,
     next: u32,
     learned: HashMap<(u32, u64), Learned>,
+    /// Confirmed speakers missing from discovery, since when.
+    missing_since: HashMap<(u32, u64), Instant>,
 }
 
 impl Speakers {
     /// Follows the newest discovery's candidates; returns the kernel map's
     /// wanted contents ((namespace, port) -> candidate number).
     pub fn set_candidates(&mut self, candidates: &[Candidate]) -> HashMap<(u32, u16), u32> {
+        self.set_candidates_at(candidates, Instant::now())
+    }
+
+    fn set_candidates_at(&mut self, candidates: &[Candidate], now: Instant) -> HashMap<(u32, u16), u32> {
         let mut numbers = HashMap::new();
         let mut by_number = HashMap::new();
         let mut wanted = HashMap::new();
@@ -170,6 +186,21 @@ impl Speakers {
             by_number.insert(number, candidate.clone());
             wanted.insert((candidate.netns as u32, candidate.socket.port), number);
         }
+        self.missing_since.retain(|key, _| !numbers.contains_key(key));
+        for (key, number) in &self.numbers {
+            let confirmed = self.learned.get(key).is_some_and(|learned| !learned.peers.is_empty());
+            if numbers.contains_key(key) || !confirmed || numbers.len() >= MAX_CANDIDATES {
+                continue;
+            }
+            let since = *self.missing_since.entry(*key).or_insert(now);
+            let Some(candidate) = self.candidates.get(number) else { continue };
+            if now.duration_since(since) < CONFIRMED_GRACE {
+                numbers.insert(*key, *number);
+                wanted.insert((candidate.netns as u32, candidate.socket.port), *number);
+                by_number.insert(*number, candidate.clone());
+            }
+        }
+        self.missing_since.retain(|key, _| numbers.contains_key(key));
         self.learned.retain(|key, _| numbers.contains_key(key));
         self.numbers = numbers;
         self.candidates = by_number;
@@ -409,9 +440,34 @@ mod tests {
         let mut topology = Topology::default();
         speakers.add_to(&mut topology);
         assert!(topology.tunnels.is_empty(), "unpaired messages make no speaker");
-        // An unknown candidate number is ignored; vanished candidates drop their state.
+        // An unknown candidate number is ignored; vanished candidates drop
+        // their state (none of these was confirmed).
         assert!(!speakers.on_event(&event(999_999, 2, DIR_INGRESS, 0, 0, [192, 0, 2, 1])));
         speakers.set_candidates(&[]);
+        assert_eq!(speakers.state_size(), (0, 0));
+    }
+
+    #[test]
+    fn a_confirmed_speaker_outlives_a_discovery_that_missed_it_for_a_while() {
+        let mut speakers = Speakers::default();
+        let start = Instant::now();
+        let wanted = speakers.set_candidates_at(&[candidate(100, 5, 41641)], start);
+        let number = wanted[&(7, 41641)];
+        let peer = [192, 0, 2, 200];
+        assert!(!speakers.on_event(&event(number, 1, DIR_EGRESS, 1234, 0, peer)));
+        assert!(speakers.on_event(&event(number, 2, DIR_INGRESS, 9, 1234, peer)));
+        // One discovery without it: still a speaker, still in the kernel map.
+        let wanted = speakers.set_candidates_at(&[], start + Duration::from_secs(1));
+        assert_eq!(wanted.get(&(7, 41641)), Some(&number));
+        let mut topology = Topology::default();
+        speakers.add_to(&mut topology);
+        assert_eq!(topology.tunnels.len(), 1);
+        // Listed again: the grace starts over; missing past it: gone.
+        speakers.set_candidates_at(&[candidate(100, 5, 41641)], start + Duration::from_secs(2));
+        speakers.set_candidates_at(&[], start + Duration::from_secs(3));
+        assert_eq!(speakers.state_size().0, 1);
+        let wanted = speakers.set_candidates_at(&[], start + Duration::from_secs(4) + CONFIRMED_GRACE);
+        assert!(wanted.is_empty());
         assert_eq!(speakers.state_size(), (0, 0));
     }
 }
