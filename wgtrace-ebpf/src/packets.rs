@@ -128,11 +128,8 @@ fn inspect(skb: *const u8, dev: *const u8, direction: u8, header: &mut Header) -
 }
 
 /// The packet claims a tunnel's transport but was written by a raw or
-/// packet socket (see [`forged`]): not counted. Counted by the caller of
-/// `inspect`: a BPF function must not end with a pointer to its stack in
-/// r0, and one whose result nobody uses is compiled to leave r0 to chance
-/// (it was once the address of a local, and the verifier refused the
-/// program).
+/// packet socket (see [`forged`]): not counted as a tunnel's, but counted
+/// as a forgery by `inspect`'s caller (why there: see `inspect`).
 pub(crate) struct Forged;
 
 /// `inspect`, and the forgeries it found counted.
