@@ -37,6 +37,10 @@ pub enum FixKind {
     OneDefaultRoute,
     /// The endpoint is inside the tunnel's own AllowedIPs.
     ExcludeEndpoint,
+    /// Routing already sends the transport out physically, but the sender
+    /// still uses the source (and device) it last received on: set the
+    /// endpoint again so that it follows the route.
+    ResetEndpoint,
 }
 
 impl FixKind {
@@ -48,6 +52,7 @@ impl FixKind {
             Self::RestoreMark => "restore_mark",
             Self::OneDefaultRoute => "one_default_route",
             Self::ExcludeEndpoint => "exclude_endpoint",
+            Self::ResetEndpoint => "reset_endpoint",
         }
     }
 }
@@ -86,6 +91,10 @@ impl Fix {
             FixKind::RestoreMark => format!("restore {tunnel}'s own mark {}", self.mark),
             FixKind::OneDefaultRoute => format!("let {tunnel}'s marked transport out through main{around}"),
             FixKind::ExcludeEndpoint => format!("route {tunnel}'s endpoint outside its own AllowedIPs"),
+            FixKind::ResetEndpoint => {
+                let out_of = outer.map(|o| format!(" out of {o}")).unwrap_or_default();
+                format!("set {tunnel}'s endpoint again so that its transport follows its route{out_of}")
+            }
         };
         format!(
             "{what} (verified: it would leave via {}); now: `{}`",
@@ -204,6 +213,38 @@ fn aimed(mut fix: Fix, topology: &Topology, tunnel: &Tunnel) -> Fix {
         fix.how = fix.wg_set.clone();
     }
     fix
+}
+
+/// The transport's route (with its current mark) already leaves through no
+/// tunnel, asked of the kernel here: only the running sender has to follow
+/// it. Nothing in the configuration changes, so every form is the runtime
+/// command, which makes the sender drop the source it pinned.
+pub fn reset_endpoint(
+    topology: &Topology,
+    tunnel: &Tunnel,
+    manager: Option<Manager>,
+    public_key: &str,
+    query: UdpQuery,
+    oracle: &dyn RouteOracle,
+) -> Option<Fix> {
+    let netns = topology.transport_netns(tunnel);
+    let answer = oracle.route_get(netns, query).ok()?;
+    let oif = answer.oif.filter(|oif| !path::is_tunnel(topology, netns, *oif))?;
+    let egress = topology.link_name(netns, oif)?.to_owned();
+    let endpoint = std::net::SocketAddr::new(query.destination, query.destination_port);
+    let command = format!(
+        "wg set {} peer {} endpoint {}",
+        tunnel.interface,
+        crate::redact::key(public_key),
+        crate::redact::endpoint(endpoint)
+    );
+    let forms = Forms {
+        wg_quick: command.clone(),
+        wg_set: command.clone(),
+        systemd_networkd: command.clone(),
+        network_manager: command.clone(),
+    };
+    Some(build(FixKind::ResetEndpoint, query.mark, egress, answer.table, manager, forms, vec![command]))
 }
 
 /// A mark that an existing rule honours: the outer tunnel's own mark first

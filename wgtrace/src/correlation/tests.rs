@@ -234,6 +234,25 @@ fn after_the_fix_the_newest_path_wins() {
 }
 
 #[test]
+fn marked_but_still_nested_gets_its_endpoint_set_again_not_another_rule() {
+    // wg1 got the mark, so routing sends it out via c0, but wireguard-go
+    // still sends from the source it last received on, inside wg0.
+    let peer = wg1_report(&[path(WG0, WG1, 0, 100), path(WG0, WG1, MARK, 200)], &[], &lab_routing());
+    assert_eq!(peer.nested_in.as_deref(), Some("wg0"));
+    assert_eq!(peer.transport.as_ref().unwrap().mark, MARK);
+    let explanation = peer.explanation.unwrap();
+    assert!(explanation.contains("routing already sends them out via c0"), "{explanation}");
+    let fix = peer.fix_details.unwrap();
+    assert_eq!(fix.kind, FixKind::ResetEndpoint);
+    assert_eq!((fix.verified_egress_interface.as_str(), fix.verified_route_table), ("c0", Some(254)));
+    assert_eq!(fix.commands, ["wg set wg1 peer wg1-peer endpoint 192.0.2.200:51821"]);
+    assert_eq!(fix.how, fix.commands[0]);
+    // Without the mark, routing itself leads into wg0: a mark is the fix.
+    let peer = wg1_report(&[path(WG0, WG1, 0, 100)], &[], &lab_routing());
+    assert_eq!(peer.fix_details.unwrap().kind, FixKind::Mark);
+}
+
+#[test]
 fn another_peers_paths_do_not_make_wg1_nested() {
     // wg2's transport rides inside wg0, more recently than wg1's own
     // direct packets: wg1's verdict comes from wg1's slot only.
