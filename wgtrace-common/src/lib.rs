@@ -77,8 +77,8 @@ pub const PEER_CACHE_FIB6: u32 = 3;
 pub const PATH_MAP_ENTRIES: u32 = 4096;
 pub const ROUTE_MAP_ENTRIES: u32 = 4096;
 /// Each FIB hook's share of the per-CPU `ROUTE_CACHE`, direct-mapped by
-/// (peer, mark, table): one packet's lookup visits several tables (local,
-/// a suppressed main, the tunnel's), and each of them keeps its entry.
+/// peer and table (see `record_route`): one packet's lookup visits several
+/// tables (local, a suppressed main, the tunnel's), and each keeps its way.
 pub const ROUTE_CACHE_WAYS: u32 = 16;
 /// `ROUTE_CACHE`'s regions: the IPv4 and the IPv6 FIB hook (one may
 /// interrupt the other on a CPU, so they never share an entry).

@@ -109,8 +109,11 @@ pub(crate) fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
 fn record_route(key: &RouteKey, device: *const u8, error: i32, region: u32) -> Result<(), ()> {
     let now = unsafe { bpf_ktime_get_ns() };
     let result_ifindex: u32 = if device.is_null() { 0 } else { load(device, offset!(net_device_ifindex)) };
-    let way = region * ROUTE_CACHE_WAYS
-        + ((key.peer ^ key.mark ^ key.table ^ (key.mark >> 8) ^ (key.table >> 8)) & (ROUTE_CACHE_WAYS - 1));
+    // Four ways per peer (slots count up, so neighbouring peers differ in
+    // their low bits), one per table by its low bits: one packet's lookup
+    // visits local (255), main (254) and at most one table of a tunnel's,
+    // each keeping its way.
+    let way = region * ROUTE_CACHE_WAYS + (((key.peer & 3) << 2) | (key.table & 3));
     let entry = ROUTE_CACHE.get_ptr_mut(way).ok_or(())?;
     let pending = unsafe { &mut *entry };
     // The same (peer, mark, table) may answer differently now (a route was

@@ -57,14 +57,13 @@ fn read_cache(ebpf: &Ebpf) -> Result<Vec<PendingRoute>> {
     Ok(out)
 }
 
-/// `ROUTES`' lookups plus the cache's pending ones. A pending decision is
-/// catalogued in `ROUTES` before it counts, so one missing there was
-/// removed with its peer's slot, and is not brought back.
+/// `ROUTES`' lookups plus the cache's pending ones. A decision is
+/// catalogued in `ROUTES` when it takes its entry, but a full map would
+/// leave it out: its pending lookups count all the same. (Those of a gone
+/// slot match no peer, and leave the readings when their entry is taken.)
 fn with_pending(mut routes: HashMap<RouteKey, RouteStats>, cache: &[PendingRoute]) -> HashMap<RouteKey, RouteStats> {
     for entry in cache.iter().filter(|entry| entry.stats.lookups != 0) {
-        if let Some(total) = routes.get_mut(&entry.key) {
-            add(total, &entry.stats);
-        }
+        add(routes.entry(entry.key).or_default(), &entry.stats);
     }
     routes
 }
@@ -99,12 +98,13 @@ mod tests {
             PendingRoute { key: key(254), stats: stats(2, 60, 3), flushes: 2 },
             PendingRoute { key: key(254), stats: stats(1, 70, 4), flushes: 0 },
             PendingRoute { key: key(51820), stats: stats(4, 45, 5), flushes: 0 },
-            // A free entry, and one of a decision removed with its slot.
+            // A free entry, and one of a decision the map had no room for.
             PendingRoute { key: key(255), stats: RouteStats::default(), flushes: 6 },
             PendingRoute { key: RouteKey { peer: 9, ..key(254) }, stats: stats(3, 80, 3), flushes: 0 },
         ];
         let total = with_pending(routes, &cache);
-        assert_eq!(total.len(), 2);
+        assert_eq!(total.len(), 3);
+        assert_eq!(total[&RouteKey { peer: 9, ..key(254) }], stats(3, 80, 3));
         assert_eq!(total[&key(254)], stats(13, 70, 4));
         assert_eq!(total[&key(51820)], stats(4, 45, 5));
     }
