@@ -1,7 +1,7 @@
 //! `wgtrace run` on the real lab: wireguard-go tunnels in namespaces, real
 //! packets, verdicts read from the JSON report.
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use serde_json::Value;
 use wgtrace_tests::{LabGuard, Traffic, client_peer, client_tunnel, lab, privileged_or_skip, trace_json};
@@ -78,6 +78,61 @@ fn broken_lab_shows_wg1_nested_in_wg0_and_the_fix_moves_it_out() {
     assert_eq!(wg1["transport"]["egress_interface"], "c0");
     assert_eq!(wg1["transport"]["mark"], 51820);
     assert_eq!(wg1["transport"]["route_table"], 254);
+}
+
+/// The mark set while replies are in flight: wireguard-go clears the source
+/// it pinned on a mark change, but the next reply through wg0 pins it
+/// there again, and each send from there brings another. Routing now sends
+/// wg1's transport out via c0, its packets still go into wg0: still nested,
+/// by its packets, and the fix is not another mark or rule but setting the
+/// endpoint again with nothing in flight. Applied as given, it moves out.
+#[test]
+fn a_mark_the_sender_does_not_follow_yet_gets_the_endpoint_set_again() {
+    if !privileged_or_skip("a_mark_the_sender_does_not_follow_yet_gets_the_endpoint_set_again") {
+        return;
+    }
+    let options = lab::LabOptions::default();
+    if options.kernel {
+        println!("kernel WireGuard drops a source its route no longer allows: nothing pins it");
+        return;
+    }
+    if options.wireguard_go.as_ref().is_some_and(|binary| *binary == xtask::setup::trixie_wireguard_go()) {
+        // Its UDP GRO path drops IP_PKTINFO (see xtask's lab): it never
+        // learns a source to pin.
+        println!("trixie's wireguard-go does not pin the source of coalesced packets: nothing to unpin");
+        return;
+    }
+    let _lab = LabGuard::up(&options).unwrap();
+    // Every 5 ms over a 40 ms round trip: replies are always in flight.
+    let mut flood = Command::new("ip")
+        .args(["netns", "exec", lab::CLIENT, "ping", "-q", "-i", "0.005", lab::WG1_REMOTE])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab::client_wg("wg1", &["set", "wg1", "fwmark", "51820"]).unwrap();
+    let report = trace_json(3.0, &[]);
+    let _ = flood.kill();
+    let _ = flood.wait();
+    let report = report.unwrap();
+    let wg1 = client_peer(&report, "wg1");
+    assert_eq!(wg1["nested_in"], "wg0", "the replies arriving through wg0 keep it there: {wg1:#}");
+    assert_eq!(wg1["transport"]["mark"], 51820);
+    let fix = &wg1["fix_details"];
+    assert_eq!(fix["kind"], "reset_endpoint", "{wg1:#}");
+    assert_eq!(fix["verified_egress_interface"], "c0");
+    let command = fix["commands"][0].as_str().unwrap();
+    let args: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(&args[..4], ["wg", "set", "wg1", "peer"], "{command}");
+    assert_eq!(args[5..], ["endpoint", lab::WG1_ENDPOINT], "{command}");
+    // Nothing in flight any more (the flood stopped a round trip ago).
+    std::thread::sleep(Duration::from_millis(200));
+    lab::client_wg("wg1", &args[1..]).unwrap();
+    let _traffic = Traffic::ping(lab::WG1_REMOTE).unwrap();
+    let report = trace_json(3.0, &[]).unwrap();
+    let wg1 = client_peer(&report, "wg1");
+    assert!(wg1["nested_in"].is_null(), "the fix as given moved it out: {wg1:#}");
+    assert_eq!(wg1["transport"]["egress_interface"], "c0");
 }
 
 #[test]

@@ -220,7 +220,8 @@ pub fn judge(
         report.explanation = Some(format!(
             "{name}'s encrypted packets to {shown_endpoint} still ride inside {outer_name} (mark {mark:#x}), but \
              routing already sends them out via {routed}: {name} keeps the source and device it last received on \
-             (wireguard-go does) until its endpoint is set again or it roams",
+             (wireguard-go does) until its endpoint is set again or it roams, and each reply through {outer_name} \
+             pins it there again, so set it when none is in flight (a pause in traffic of one round trip)",
             mark = query.mark,
             routed = crate::correlation::interface_name(topology, netns, routed),
         ));
