@@ -44,7 +44,7 @@ pub fn read_consistently<Entry, Reading>(
 /// Whether no entry moved its counts between two readings.
 fn no_move_between<Entry>(before: &[Entry], after: &[Entry], flushes: impl Fn(&Entry) -> u64) -> bool {
     before.len() == after.len()
-        && before.iter().zip(after).all(|(a, b)| flushes(a) == flushes(b) && flushes(a) % 2 == 0)
+        && before.iter().zip(after).all(|(a, b)| flushes(a) == flushes(b) && flushes(a).is_multiple_of(2))
 }
 
 /// Removes from the map `name` every entry whose peer slot (`slot_of`) is
