@@ -149,23 +149,6 @@ fn load<T: Copy>(base: *const u8, offset: usize) -> T {
     unsafe { core::ptr::read_volatile(base.wrapping_add(offset) as *const T) }
 }
 
-/// Zeroed arrays and padding (`[0u8; N]`, `_pad: [0; 3]`) compile to calls
-/// of the linked `memset`, a byte loop: dozens of instructions per packet
-/// on the hot path. These build the same bytes as a few word stores.
-#[inline(always)]
-fn address_bytes(words: [u32; 4]) -> [u8; 16] {
-    // SAFETY: same size, any bit pattern is valid for both.
-    unsafe { core::mem::transmute(words) }
-}
-
-/// A `PathKey` from words: `direction` and its three zero padding bytes are
-/// one little-endian word.
-#[inline(always)]
-fn path_key(peer: u32, ifindex: u32, mark: u32, direction: u8) -> PathKey {
-    // SAFETY: `PathKey` is repr(C), 16 bytes of integers, valid for any bits.
-    unsafe { core::mem::transmute::<[u32; 4], PathKey>([peer, ifindex, mark, direction as u32]) }
-}
-
 #[inline(always)]
 fn count(slot: u32) {
     if let Some(counter) = COUNTERS.get_ptr_mut(slot) {
