@@ -36,10 +36,9 @@ pub const COUNTER_READ_ERRORS: u32 = 1;
 /// WireGuard-shaped packets sent by something other than a UDP socket
 /// (raw or packet sockets): forged, never attributed to a tunnel.
 pub const COUNTER_FORGED: u32 = 2;
-/// Known peers' packets or route lookups not counted because the path or
-/// route map was full (their keys are topology only, and userspace removes
-/// those of peers that are gone, so only a host with more paths or route
-/// decisions than they hold).
+/// Known peers' packets not counted because the path map was full of
+/// other paths (its keys are topology only, and userspace removes those of
+/// peers that are gone, so only a host with more paths than it holds).
 pub const COUNTER_PATHS_FULL: u32 = 3;
 /// Candidate speakers' handshake messages not reported because the
 /// per-CPU budget for them was used up (a flood from a TUN holder).
@@ -70,21 +69,12 @@ pub const PEER_CACHE_FIB4: u32 = 2;
 pub const PEER_CACHE_FIB6: u32 = 3;
 /// Paths (peer, device, mark, direction) and route decisions (peer, mark,
 /// table). Entries exist only for known peers, so these fill only with real
-/// paths. Neither is LRU: a busy path or route decision counts per CPU
-/// (in its peer's cache way, or in `ROUTE_CACHE`) and touches its map only
-/// when it moves its counts there, so an LRU would take it for the coldest
-/// entry. Userspace removes the entries of peers that are gone.
+/// paths. `ROUTES` is LRU (touched on every lookup); `PATHS` is not: a busy
+/// path counts in its peer's cache way and touches `PATHS` only when it
+/// moves its counts, so an LRU would take it for the coldest entry.
+/// Userspace removes the paths of peers that are gone.
 pub const PATH_MAP_ENTRIES: u32 = 4096;
 pub const ROUTE_MAP_ENTRIES: u32 = 4096;
-/// Each FIB hook's share of the per-CPU `ROUTE_CACHE`, direct-mapped by
-/// peer and table (see `record_route`): one packet's lookup visits several
-/// tables (local, a suppressed main, the tunnel's), and each keeps its way.
-pub const ROUTE_CACHE_WAYS: u32 = 16;
-/// `ROUTE_CACHE`'s regions: the IPv4 and the IPv6 FIB hook (one may
-/// interrupt the other on a CPU, so they never share an entry).
-pub const ROUTE_CACHE_FIB4: u32 = 0;
-pub const ROUTE_CACHE_FIB6: u32 = 1;
-pub const ROUTE_CACHE_HOOKS: u32 = 2;
 /// The listen-port bitmap: one bit per UDP port, 64 per slot.
 pub const PORT_BITMAP_SLOTS: u32 = 1024;
 /// `net_device.type` of WireGuard and TUN devices (no link layer).
@@ -314,19 +304,6 @@ pub struct RouteStats {
     pub error: i32,
 }
 
-/// A known peer's lookups in one (mark, table) on one CPU, not yet added
-/// to `ROUTES`: a lookup costs no hash lookup while the same decision
-/// repeats. They move to `ROUTES` when another decision takes the entry;
-/// `flushes` counts the moves as [`PendingPath::flushes`] does.
-/// `stats.lookups == 0`: the entry is free.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PendingRoute {
-    pub key: RouteKey,
-    pub stats: RouteStats,
-    pub flushes: u64,
-}
-
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RouteEvent {
@@ -448,7 +425,6 @@ mod pod {
     unsafe impl aya::Pod for PeerCacheEntry {}
     unsafe impl aya::Pod for RouteKey {}
     unsafe impl aya::Pod for RouteStats {}
-    unsafe impl aya::Pod for PendingRoute {}
     unsafe impl aya::Pod for DeviceKey {}
     unsafe impl aya::Pod for TransmitKey {}
     unsafe impl aya::Pod for TransmitOrigin {}

@@ -22,7 +22,7 @@ pub(crate) fn sample_in_flight(now: u64) -> bool {
 #[inline(always)]
 pub(crate) fn follow_transmit(packet: &Packet, netns: u32, path: &PathKey, payload_length: u32, now: u64) {
     let (skb, ip_length) = (packet.skb, packet.ip_length);
-    let by_length = TransmitKey { netns, payload_length };
+    let by_length = TransmitKey { netns: netns, payload_length };
     let (origin, method) = match SKB_SAMPLES.get_ptr(&(skb as u64)) {
         // A recycled skb address with a stale entry is not the sample.
         Some(origin) if now.wrapping_sub(unsafe { (*origin).entered_ns }) < MAX_TRANSMIT_NS => {
@@ -41,7 +41,7 @@ pub(crate) fn follow_transmit(packet: &Packet, netns: u32, path: &PathKey, paylo
         stage,
         entered_ns: origin.entered_ns,
         left_ns: now,
-        netns,
+        netns: netns,
         origin_ifindex: origin.ifindex,
         egress_ifindex: path.ifindex,
         mark: path.mark,
@@ -52,7 +52,7 @@ pub(crate) fn follow_transmit(packet: &Packet, netns: u32, path: &PathKey, paylo
         count(COUNTER_EVENTS_LOST);
     }
     let next = TransmitOrigin { stage, ..origin };
-    let entered_another_tunnel = TUNNEL_DEVICES.get_ptr(&DeviceKey { netns, ifindex: path.ifindex }).is_some();
+    let entered_another_tunnel = TUNNEL_DEVICES.get_ptr(&DeviceKey { netns: netns, ifindex: path.ifindex }).is_some();
     if method == TRANSMIT_BY_SKB {
         if entered_another_tunnel {
             let _ = SKB_SAMPLES.insert(&(skb as u64), &next, 0);
@@ -60,7 +60,7 @@ pub(crate) fn follow_transmit(packet: &Packet, netns: u32, path: &PathKey, paylo
             let _ = SKB_SAMPLES.remove(&(skb as u64));
         }
     } else if entered_another_tunnel {
-        let next_key = TransmitKey { netns, payload_length: ciphertext_length(ip_length) };
+        let next_key = TransmitKey { netns: netns, payload_length: ciphertext_length(ip_length) };
         let _ = TRANSMIT_PENDING.insert(&next_key, &next, 0);
     }
 }

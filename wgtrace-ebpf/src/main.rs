@@ -2,7 +2,7 @@
 //! for kernel WireGuard (usually a module) and userspace implementations alike.
 //!
 //! * `fib_table_lookup` / `fib6_table_lookup`: routing-table lookups of a
-//!   known peer's transport, counted per (peer, mark, table) per CPU.
+//!   known peer's transport, aggregated per (peer, mark, table).
 //! * `net_dev_start_xmit` / `netif_receive_skb`: every packet leaving or
 //!   entering any device of any namespace, including devices created after we
 //!   attached. Chosen over TCX because tracepoints need no per-interface
@@ -30,7 +30,7 @@
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::{btf_tracepoint, map},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::BtfTracePointContext,
 };
 use wgtrace_common::{
@@ -41,10 +41,9 @@ use wgtrace_common::{
     OFFSET_UNAVAILABLE, PATH_MAP_ENTRIES, PEER_CACHE_FIB4, PEER_CACHE_FIB6, PEER_CACHE_HOOKS, PEER_CACHE_RECEIVE,
     PEER_CACHE_WAYS, PEER_CACHE_XMIT, PEER_MAP_ENTRIES, PENDING_IDLE_NS, PLAINTEXT_ECHO_REPLY, PLAINTEXT_ECHO_REQUEST,
     PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerCacheEntry, PeerKey,
-    PendingRoute, PlaintextEvent, RING_BUFFER_BYTES, ROUTE_CACHE_FIB4, ROUTE_CACHE_FIB6, ROUTE_CACHE_HOOKS,
-    ROUTE_CACHE_WAYS, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW, TRANSMIT_BY_LENGTH,
-    TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent, TransmitKey,
-    TransmitOrigin, ciphertext_length,
+    PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW,
+    TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent,
+    TransmitKey, TransmitOrigin, ciphertext_length,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -86,11 +85,7 @@ static CANDIDATE_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1
 static PATHS: PerCpuHashMap<PathKey, PathStats> = PerCpuHashMap::with_max_entries(PATH_MAP_ENTRIES, 0);
 
 #[map]
-static ROUTES: PerCpuHashMap<RouteKey, RouteStats> = PerCpuHashMap::with_max_entries(ROUTE_MAP_ENTRIES, 0);
-
-/// Each CPU's pending route lookups (see `PendingRoute`).
-#[map]
-static ROUTE_CACHE: PerCpuArray<PendingRoute> = PerCpuArray::with_max_entries(ROUTE_CACHE_HOOKS * ROUTE_CACHE_WAYS, 0);
+static ROUTES: LruPerCpuHashMap<RouteKey, RouteStats> = LruPerCpuHashMap::with_max_entries(ROUTE_MAP_ENTRIES, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);

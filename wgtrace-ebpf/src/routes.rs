@@ -1,6 +1,5 @@
 //! Routing decisions: the FIB hooks, gated on the listen-port bitmap like
-//! the packet hooks, counting known peers' lookups per (peer, mark, table)
-//! per CPU, moved to `ROUTES` only when the decision changes.
+//! the packet hooks, recording known peers' lookups per (peer, mark, table).
 //! Successful input route lookups are kept (their result device names their
 //! namespace): with all input lookups filtered out by their input device,
 //! the VM's nesting test (kernel WireGuard on Debian's 6.1, which caches its
@@ -58,7 +57,7 @@ pub(crate) fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
         return Ok(());
     };
     let key = RouteKey { peer: slot, mark: load(flow, offset!(flowi4_mark)), table: ctx.arg(0), _pad: 0 };
-    record_route(&key, device, error, ROUTE_CACHE_FIB4)
+    record_route(&key, device, error)
 }
 
 /// `trace_fib6_table_lookup(net, res, table, flp)`.
@@ -97,46 +96,29 @@ pub(crate) fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let device: *const u8 = if nexthop.is_null() { core::ptr::null() } else { load(nexthop, offset!(fib6_nh_dev)) };
     // IPv6 reports a miss as a nexthop-less result rather than an errno.
     let error = if device.is_null() { -11 } else { 0 };
-    record_route(&key, device, error, ROUTE_CACHE_FIB6)
+    record_route(&key, device, error)
 }
 
-/// Counts a known peer's lookup in its per-CPU `ROUTE_CACHE` entry while
-/// the same decision repeats (a tunnel's every packet repeats it): no hash
-/// lookup. A decision new to its entry moves the entry's old counts to
-/// `ROUTES` and makes sure `ROUTES` knows it; one new to `ROUTES` too is
-/// announced. `region` is a `ROUTE_CACHE_*` constant.
 #[inline(always)]
-fn record_route(key: &RouteKey, device: *const u8, error: i32, region: u32) -> Result<(), ()> {
+fn record_route(key: &RouteKey, device: *const u8, error: i32) -> Result<(), ()> {
     let now = unsafe { bpf_ktime_get_ns() };
     let result_ifindex: u32 = if device.is_null() { 0 } else { load(device, offset!(net_device_ifindex)) };
-    // Four ways per peer (slots count up, so neighbouring peers differ in
-    // their low bits), one per table by its low bits: one packet's lookup
-    // visits local (255), main (254) and at most one table of a tunnel's,
-    // each keeping its way.
-    let way = region * ROUTE_CACHE_WAYS + (((key.peer & 3) << 2) | (key.table & 3));
-    let entry = ROUTE_CACHE.get_ptr_mut(way).ok_or(())?;
-    let pending = unsafe { &mut *entry };
-    // The same (peer, mark, table) may answer differently now (a route was
-    // added, removed or changed): the newest answer is kept. Userspace reads
-    // it from the maps; no event, so that a multipath route alternating per
-    // packet costs no ring space.
-    let answer = RouteStats { lookups: 1, last_seen_ns: now, result_ifindex, error };
-    if pending.stats.lookups != 0
-        && pending.key.peer == key.peer
-        && pending.key.mark == key.mark
-        && pending.key.table == key.table
-    {
-        pending.stats = RouteStats { lookups: pending.stats.lookups + 1, ..answer };
+    if let Some(stats) = ROUTES.get_ptr_mut(key) {
+        unsafe {
+            (*stats).lookups += 1;
+            (*stats).last_seen_ns = now;
+            // The same (peer, mark, table) may answer differently now (a
+            // route was added, removed or changed): keep the newest answer.
+            // Userspace reads it from the map; no event, so that a
+            // multipath route alternating per packet costs no ring space.
+            (*stats).result_ifindex = result_ifindex;
+            (*stats).error = error;
+        }
         return Ok(());
     }
-    if pending.stats.lookups != 0 {
-        flush_route(pending);
-    }
-    let new_decision = catalog_route(key, &answer);
-    pending.key = *key;
-    pending.stats = answer;
-    if !new_decision {
-        return Ok(());
+    let stats = RouteStats { lookups: 1, last_seen_ns: now, result_ifindex, error };
+    if ROUTES.insert(key, &stats, BPF_NOEXIST).is_err() {
+        return Ok(()); // another CPU announced it first
     }
     let mut event = RouteEvent {
         kind: EVENT_NEW_ROUTE,
@@ -151,47 +133,4 @@ fn record_route(key: &RouteKey, device: *const u8, error: i32, region: u32) -> R
         count(COUNTER_EVENTS_LOST);
     }
     Ok(())
-}
-
-/// Makes sure `ROUTES` knows `key` (with no lookups: they stay pending in
-/// the cache); whether it is new there.
-#[inline(always)]
-fn catalog_route(key: &RouteKey, answer: &RouteStats) -> bool {
-    if ROUTES.get_ptr_mut(key).is_some() {
-        return false;
-    }
-    let catalogued = RouteStats { lookups: 0, ..*answer };
-    if ROUTES.insert(key, &catalogued, BPF_NOEXIST).is_ok() {
-        return true;
-    }
-    // Another CPU announced it first, or the map is full (the counts then
-    // start it when they move).
-    if ROUTES.get_ptr_mut(key).is_none() {
-        count(COUNTER_PATHS_FULL);
-    }
-    false
-}
-
-/// Moves an entry's pending lookups to `ROUTES`, with its newest answer,
-/// and frees the entry. `flushes` is odd while the move is under way.
-#[inline(always)]
-fn flush_route(pending: &mut PendingRoute) {
-    pending.flushes += 1;
-    match ROUTES.get_ptr_mut(&pending.key) {
-        Some(stats) => unsafe {
-            (*stats).lookups += pending.stats.lookups;
-            if pending.stats.last_seen_ns >= (*stats).last_seen_ns {
-                (*stats).last_seen_ns = pending.stats.last_seen_ns;
-                (*stats).result_ifindex = pending.stats.result_ifindex;
-                (*stats).error = pending.stats.error;
-            }
-        },
-        None => {
-            if ROUTES.insert(&pending.key, &pending.stats, 0).is_err() {
-                count(COUNTER_PATHS_FULL);
-            }
-        }
-    }
-    pending.stats = RouteStats::default();
-    pending.flushes += 1;
 }

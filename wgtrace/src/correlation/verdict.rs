@@ -211,25 +211,6 @@ pub fn judge(
     report.verdict = Verdict::Nested;
     report.nested_in = Some(outer.interface.clone());
     let outer_name = outer.interface.clone();
-    if let Some(routed) = routed_ifindex.filter(|oif| *oif != egress_ifindex && !path::is_tunnel(topology, netns, *oif))
-    {
-        // Packets say nested; routing says direct (a fix applied, the
-        // sender not following it yet). Another mark or rule would change
-        // nothing: the sender has to let go of its source.
-        report.nesting = Some(Nesting::Accidental);
-        report.explanation = Some(format!(
-            "{name}'s encrypted packets to {shown_endpoint} still ride inside {outer_name} (mark {mark:#x}), but \
-             routing already sends them out via {routed}: {name} keeps the source and device it last received on \
-             (wireguard-go does) until its endpoint is set again or it roams, and each reply through {outer_name} \
-             pins it there again, so set it when none is in flight (a pause in traffic of one round trip)",
-            mark = query.mark,
-            routed = crate::correlation::interface_name(topology, netns, routed),
-        ));
-        report.outer = Some(outer);
-        let fix = fix::reset_endpoint(topology, tunnel, own_manager, &peer.public_key, query, oracle);
-        set_fix(&mut report, name, Some(&outer_name), fix);
-        return report;
-    }
     let (nesting, why) = match outer_tunnel {
         Some(outer_tunnel) => {
             let specific = outer_tunnel
@@ -311,6 +292,27 @@ pub fn judge(
     report.nesting = Some(nesting);
     report.explanation = Some(why);
     report.outer = Some(outer);
+    // Packets say nested; routing says direct (a fix applied, the sender
+    // not following it yet). Only a userspace implementation pins its
+    // source (kernel WireGuard drops one its route no longer allows).
+    // Another mark or rule would change nothing: the sender has to let go.
+    let pinned = routed_ifindex.filter(|oif| *oif != egress_ifindex && !path::is_tunnel(topology, netns, *oif));
+    if nesting == Nesting::Accidental
+        && tunnel.implementation == crate::topology::Implementation::Userspace
+        && let Some(routed) = pinned
+    {
+        report.explanation = Some(format!(
+            "{name}'s encrypted packets to {shown_endpoint} still ride inside {outer_name} (mark {mark:#x}), but \
+             routing already sends them out via {routed}: {name} keeps the source and device it last received on \
+             (wireguard-go does) until its endpoint is set again or it roams, and each reply through {outer_name} \
+             pins it there again, so set it when none is in flight (a pause in traffic of one round trip)",
+            mark = query.mark,
+            routed = crate::correlation::interface_name(topology, netns, routed),
+        ));
+        let fix = fix::reset_endpoint(topology, tunnel, own_manager, &peer.public_key, query, oracle);
+        set_fix(&mut report, name, Some(&outer_name), fix);
+        return report;
+    }
     if nesting == Nesting::Accidental {
         let fix = nested_fix(topology, tunnel, own_manager, outer_tunnel, query, rule_priority, oracle);
         if let (Some(fix), Some(explanation)) = (&fix, report.explanation.as_mut())

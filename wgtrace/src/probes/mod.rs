@@ -7,8 +7,6 @@ pub mod btf;
 pub mod offsets;
 mod paths;
 pub mod peers;
-mod pending;
-mod routes;
 mod speakers;
 
 use std::{collections::HashMap, io};
@@ -17,7 +15,7 @@ use crate::topology::{Implementation, Topology};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePoint, tp_btf::BtfTracePointLinkId},
 };
 use peers::{PeerId, PeerSlots};
@@ -96,7 +94,6 @@ pub struct Tracer {
     /// `PEERS_GENERATION` as last written (0: PEERS never written).
     peers_generation: u32,
     path_readings: paths::Monotonic,
-    route_readings: routes::Monotonic,
 }
 
 impl Tracer {
@@ -158,7 +155,6 @@ impl Tracer {
             port_bits: vec![0; PORT_BITMAP_SLOTS as usize],
             peers_generation: 0,
             path_readings: paths::Monotonic::default(),
-            route_readings: routes::Monotonic::default(),
         })
     }
 
@@ -195,15 +191,32 @@ impl Tracer {
     }
 
     /// Per-path counters, summed over CPUs: every packet is traced, and
-    /// counted once (see [`pending`] for a reading a move fell into).
+    /// counted once (see [`paths`] for a reading a move fell into).
     pub fn paths(&mut self) -> Result<HashMap<PathKey, PathStats>> {
-        Ok(self.path_readings.follow(paths::read(&self.ebpf)?))
+        self.path_readings.read(&self.ebpf)
     }
 
-    /// Routing-table lookups per (peer, mark, table), summed over CPUs,
-    /// with each decision's newest answer.
-    pub fn routes(&mut self) -> Result<HashMap<RouteKey, RouteStats>> {
-        Ok(self.route_readings.follow(routes::read(&self.ebpf)?))
+    /// Routing-table lookups per (peer, mark, table), summed over CPUs.
+    pub fn routes(&self) -> Result<HashMap<RouteKey, RouteStats>> {
+        let map: PerCpuHashMap<_, RouteKey, RouteStats> =
+            PerCpuHashMap::try_from(self.ebpf.map("ROUTES").context("ROUTES map missing")?)?;
+        let mut out = HashMap::new();
+        for entry in map.iter() {
+            let Ok((key, per_cpu)) = entry else { continue };
+            let mut total = RouteStats::default();
+            for stats in per_cpu.iter() {
+                total.lookups += stats.lookups;
+                // Each CPU keeps the answer it saw last: the newest is the
+                // route's current answer.
+                if stats.lookups > 0 && stats.last_seen_ns >= total.last_seen_ns {
+                    total.last_seen_ns = stats.last_seen_ns;
+                    total.result_ifindex = stats.result_ifindex;
+                    total.error = stats.error;
+                }
+            }
+            out.insert(key, total);
+        }
+        Ok(out)
     }
 
     /// The slot the kernel side counts a peer under.
@@ -277,10 +290,10 @@ impl Tracer {
         if let Some(err) = failed {
             return Err(anyhow::Error::new(err).context("updating PEERS"));
         }
-        // Neither map is LRU: the entries of peers whose slots are gone go here.
-        let known = |slot| self.peers.peer(slot).is_some();
-        pending::forget_slots::<PathKey, PathStats>(&mut self.ebpf, "PATHS", |key| key.peer, known)?;
-        pending::forget_slots::<RouteKey, RouteStats>(&mut self.ebpf, "ROUTES", |key| key.peer, known)?;
+        // `PATHS` is not LRU: the paths of peers whose slots are gone go
+        // here (a way may still move counts of a gone slot there; the next
+        // round removes them).
+        paths::forget_slots(&mut self.ebpf, |slot| self.peers.peer(slot).is_some())?;
 
         let bits = peers::port_bitmap(topology);
         let mut array: aya::maps::Array<_, u64> =
