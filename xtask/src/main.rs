@@ -97,6 +97,10 @@ enum Task {
         #[arg(long)]
         delay_ms: u64,
     },
+    /// (internal) Empty BPF programs on these tracepoints, held until a
+    /// signal: the benchmark's floor condition.
+    #[command(hide = true)]
+    EmptyHooks { tracepoints: Vec<String> },
     /// (internal) WireGuard-shaped datagrams from a plain UDP socket, for
     /// the speakers tests; started inside a lab namespace.
     #[command(hide = true)]
@@ -337,6 +341,7 @@ fn main() -> Result<()> {
         Task::DelayLine { netns, device, delay_ms } => {
             xtask::delay::serve(&netns, &device, Duration::from_millis(delay_ms))
         }
+        Task::EmptyHooks { tracepoints } => xtask::bench::serve_empty_hooks(&tracepoints),
         Task::WgShaped { tun, port, to, count, burst, respond, seconds } => {
             xtask::speakers_lab::send_shaped(&xtask::speakers_lab::ShapedSender {
                 tun,

@@ -52,6 +52,8 @@ use crate::{
     lab,
 };
 
+mod budget;
+mod floor;
 mod procfs;
 mod render;
 mod rounds;
@@ -60,6 +62,8 @@ mod session;
 mod tracer;
 mod traffic;
 
+use budget::*;
+pub use floor::serve as serve_empty_hooks;
 use procfs::*;
 use render::*;
 use rounds::*;
@@ -127,9 +131,11 @@ enum Condition {
     Untraced,
     Wgtrace,
     Bpftrace,
+    /// Empty programs on wgtrace's hooks: what any tracer there pays (see `floor`).
+    Floor,
 }
 
-const CONDITIONS: [Condition; 3] = [Condition::Untraced, Condition::Wgtrace, Condition::Bpftrace];
+const CONDITIONS: [Condition; 4] = [Condition::Untraced, Condition::Wgtrace, Condition::Bpftrace, Condition::Floor];
 
 impl Condition {
     fn label(self) -> &'static str {
@@ -137,6 +143,7 @@ impl Condition {
             Condition::Untraced => "untraced",
             Condition::Wgtrace => "wgtrace",
             Condition::Bpftrace => "bpftrace baseline",
+            Condition::Floor => "empty programs (floor)",
         }
     }
 }

@@ -215,6 +215,7 @@ pub(super) fn costs(
         let label = match condition {
             Condition::Bpftrace if b.name.starts_with("net_dev_start") => BASELINE.to_owned(),
             Condition::Bpftrace => format!("bpftrace {}", b.name),
+            Condition::Floor => floor::label(&b.name),
             _ => b.name.clone(),
         };
         let cost = Cost {

@@ -18,8 +18,8 @@ pub(super) fn collect_lines(stream: impl Read + Send + 'static) -> (Lines, JoinH
     (lines, reader)
 }
 
-/// wgtrace (`run --json -v`) or the bpftrace baseline, running in the root
-/// namespace (both see every namespace).
+/// wgtrace (`run --json -v`), the bpftrace baseline or the floor's empty
+/// programs, running in the root namespace (all see every namespace).
 pub(super) struct Tracer {
     pub(super) condition: Condition,
     pub(super) child: Child,
@@ -39,6 +39,11 @@ impl Tracer {
             Condition::Bpftrace => {
                 let mut command = Command::new("bpftrace");
                 command.args(["-e", BASELINE_SCRIPT]);
+                command
+            }
+            Condition::Floor => {
+                let mut command = Command::new(std::env::current_exe().context("finding the xtask binary")?);
+                command.arg("empty-hooks").args(WGTRACE_PROGRAMS);
                 command
             }
             Condition::Untraced => bail!("no tracer for the untraced condition"),
@@ -69,8 +74,8 @@ impl Tracer {
         Ok(())
     }
 
-    /// Until the programs are attached: wgtrace logs each hook, bpftrace
-    /// prints "Attaching"; both then hold their programs' fds.
+    /// Until the programs are attached: wgtrace logs each hook, bpftrace and
+    /// the floor print "Attaching"; all then hold their programs' fds.
     pub(super) fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
