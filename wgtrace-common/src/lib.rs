@@ -233,6 +233,10 @@ pub struct PendingPath {
 /// A way's path that has seen no packet for this long may be taken over by
 /// another path of its peer (after a fix, the old path stops at once).
 pub const PENDING_IDLE_NS: u64 = 1_000_000_000;
+/// How often, nominally, userspace writes `COARSE_CLOCK` (CLOCK_MONOTONIC,
+/// the clock of `bpf_ktime_get_ns`): the resolution of `last_seen_ns` in
+/// `PATHS`, the pending ways and (for repeated answers) `ROUTES`.
+pub const COARSE_CLOCK_TICK_NS: u64 = 50_000_000;
 
 /// One path of one known peer's transport: where (device, direction) and
 /// with which mark. The peer is userspace's slot number from `PEERS`; the

@@ -6,10 +6,13 @@ use super::*;
 
 /// Whether a plaintext sample was taken recently enough to still be on its
 /// way: most data packets are not samples, and skip the lookups.
+/// `coarse_now` lags the real time, never leads it: a sample stamped after
+/// it (precisely) is in flight, and the lag can only widen the window by a
+/// tick.
 #[inline(always)]
-pub(crate) fn sample_in_flight(now: u64) -> bool {
+pub(crate) fn sample_in_flight(coarse_now: u64) -> bool {
     let last_sample = LAST_SAMPLE.get(0).copied().unwrap_or(0);
-    now.wrapping_sub(last_sample) <= MAX_TRANSMIT_NS
+    coarse_now.saturating_sub(last_sample) <= MAX_TRANSMIT_NS
 }
 
 /// Transmit latency: a sampled plaintext packet is followed to its

@@ -110,6 +110,11 @@ const MAX_TRANSMIT_NS: u64 = 100_000_000;
 #[map]
 static LAST_SAMPLE: Array<u64> = Array::with_max_entries(1, 0);
 
+/// CLOCK_MONOTONIC in ns, written by userspace every `COARSE_CLOCK_TICK_NS`
+/// (see [`coarse_now`]).
+#[map]
+static COARSE_CLOCK: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Sampled plaintext packets awaiting their next encryption.
 #[map]
 static TRANSMIT_PENDING: LruHashMap<TransmitKey, TransmitOrigin> =
@@ -142,6 +147,23 @@ fn read<T>(base: *const u8, offset: usize) -> Result<T, ()> {
 #[inline(always)]
 fn load<T: Copy>(base: *const u8, offset: usize) -> T {
     unsafe { core::ptr::read_volatile(base.wrapping_add(offset) as *const T) }
+}
+
+/// The time as userspace last wrote it (every `COARSE_CLOCK_TICK_NS`,
+/// nominally), in one plain load: for a path's or a repeated route
+/// answer's last use and a way gone quiet, so that a tunnel packet or route
+/// lookup pays no clock read (on this kind of VM `bpf_ktime_get_ns` reads
+/// kvm-clock, about 40 ns a call). Userspace orders paths and route answers
+/// by these stamps, so two seen within one tick tie (it breaks ties the same
+/// way every time). Event timestamps (handshakes, new paths and routes,
+/// latency samples) and a changed route answer's stamp still come from
+/// `bpf_ktime_get_ns`.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    match COARSE_CLOCK.get(0) {
+        Some(now) => *now,
+        None => 0,
+    }
 }
 
 #[inline(always)]
@@ -219,11 +241,11 @@ fn peer_way(peer: &PeerKey, hook: u32) -> Option<(u32, *mut PeerCacheEntry)> {
     if slot == NO_PEER { None } else { Some((slot, entry)) }
 }
 
-/// Whether a way's pending path saw a packet within `PENDING_IDLE_NS`.
+/// Whether a way's pending path saw a packet within `PENDING_IDLE_NS`
+/// (both times coarse).
 #[inline(always)]
 fn pending_is_current(entry: *const PeerCacheEntry) -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
-    now.wrapping_sub(unsafe { (*entry).pending.stats.last_seen_ns }) <= PENDING_IDLE_NS
+    coarse_now().saturating_sub(unsafe { (*entry).pending.stats.last_seen_ns }) <= PENDING_IDLE_NS
 }
 
 /// The slot of the known peer `peer` names, for hooks that keep no

@@ -192,6 +192,10 @@ fn inspect_packet(skb: *const u8, dev: *const u8, direction: u8, header: &mut He
 /// Wire packets and UDP payload bytes in this skb. A GSO skb (UDP GSO from
 /// wireguard-go since 2023, or GRO) holds `gso_segs` datagrams with one
 /// UDP header between them: its payload is what follows that header.
+/// The shared info is read for every skb: a UDP GSO skb's UDP header
+/// announces the whole batch, not one datagram, and a batch of small
+/// messages can be shorter than the MTU, so nothing in the skb itself tells
+/// a single datagram from a batch.
 #[inline(always)]
 fn wire_counts(packet: &Packet, udp_length: u32) -> (u64, u64) {
     let head: *const u8 = load(packet.skb, offset!(skb_head));
@@ -252,7 +256,8 @@ fn on_udp(packet: &Packet) -> Result<(), Forged> {
         _pad: [0; 3],
     };
     let (packets, bytes) = wire_counts(packet, udp_length);
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Coarse: a path's last use and a way's quiet second need no more.
+    let now = coarse_now();
     let counted = PathStats { packets, bytes, last_seen_ns: now, fragmented: packet.first_fragment as u64 };
     // Counted in the peer's cache way while the path stays the same: no
     // hash lookup. A path that is new here takes the way over if it is
@@ -265,7 +270,7 @@ fn on_udp(packet: &Packet) -> Result<(), Forged> {
         pending.stats.last_seen_ns = now;
         pending.stats.fragmented += counted.fragmented;
         false
-    } else if pending.ifindex == 0 || now.wrapping_sub(pending.stats.last_seen_ns) > PENDING_IDLE_NS {
+    } else if pending.ifindex == 0 || now.saturating_sub(pending.stats.last_seen_ns) > PENDING_IDLE_NS {
         if pending.ifindex != 0 {
             flush_pending(way, packet.direction);
         }
@@ -281,7 +286,7 @@ fn on_udp(packet: &Packet) -> Result<(), Forged> {
     let payload_length = udp_length.wrapping_sub(8);
     if message_type == wire::MESSAGE_TRANSPORT_DATA || message_type == 0 {
         if egress && message_type != 0 && sample_in_flight(now) {
-            follow_transmit(packet, netns, &key, payload_length, now);
+            follow_transmit(packet, netns, &key, payload_length, unsafe { bpf_ktime_get_ns() });
         }
         if !new_path {
             return Ok(());
@@ -302,7 +307,7 @@ fn on_udp(packet: &Packet) -> Result<(), Forged> {
         };
         (*event).message_type = message_type;
         (*event)._pad = [0; 3];
-        (*event).timestamp_ns = now;
+        (*event).timestamp_ns = bpf_ktime_get_ns();
         (*event).path = key;
         (*event).netns = netns;
         (*event).length = payload_length;

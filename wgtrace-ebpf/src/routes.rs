@@ -101,21 +101,28 @@ pub(crate) fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
 
 #[inline(always)]
 fn record_route(key: &RouteKey, device: *const u8, error: i32) -> Result<(), ()> {
-    let now = unsafe { bpf_ktime_get_ns() };
     let result_ifindex: u32 = if device.is_null() { 0 } else { load(device, offset!(net_device_ifindex)) };
     if let Some(stats) = ROUTES.get_ptr_mut(key) {
         unsafe {
             (*stats).lookups += 1;
-            (*stats).last_seen_ns = now;
             // The same (peer, mark, table) may answer differently now (a
             // route was added, removed or changed): keep the newest answer.
             // Userspace reads it from the map; no event, so that a
             // multipath route alternating per packet costs no ring space.
-            (*stats).result_ifindex = result_ifindex;
-            (*stats).error = error;
+            // A repeated answer is stamped with the coarse clock; a changed
+            // one precisely, so that it is newer than another CPU's old
+            // answer from the same tick (userspace takes the newest).
+            if (*stats).result_ifindex == result_ifindex && (*stats).error == error {
+                (*stats).last_seen_ns = (*stats).last_seen_ns.max(coarse_now());
+            } else {
+                (*stats).last_seen_ns = bpf_ktime_get_ns();
+                (*stats).result_ifindex = result_ifindex;
+                (*stats).error = error;
+            }
         }
         return Ok(());
     }
+    let now = unsafe { bpf_ktime_get_ns() };
     let stats = RouteStats { lookups: 1, last_seen_ns: now, result_ifindex, error };
     if ROUTES.insert(key, &stats, BPF_NOEXIST).is_err() {
         return Ok(()); // another CPU announced it first

@@ -254,6 +254,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         crate::privileges::drop_after_attach()?;
         log::info!("privileged helper: PID {}", helper.pid());
     }
+    let mut clock_stopped = session.tracer.keep_clock()?;
+    let mut failure = None;
     // Spawned after the drop, so the discovery thread has no more
     // capabilities than the rest of the process. Even the first discovery
     // runs there: tracing is already attached, and the wait for it is
@@ -329,6 +331,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
                         }
                     }
                 }
+                clock_result = &mut clock_stopped => {
+                    // Paths could no longer be ordered: report what was
+                    // seen so far, then fail. (A sender dropped unsent is
+                    // a thread that panicked.)
+                    let err = clock_result.unwrap_or_else(|_| anyhow::anyhow!("its thread ended"));
+                    log::error!("the kernel side's coarse clock stopped: {err:#}; ending the run");
+                    failure = Some(err.context("the kernel side's coarse clock stopped"));
+                    break;
+                }
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
@@ -368,7 +379,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     } else {
         print!("{}", report::render(&report, &session.tracer.hooks));
     }
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 /// How long the run waits for the first discovery before it goes on without

@@ -387,7 +387,10 @@ fn observed_path(
                     && path::is_below(topology, netns, key.ifindex, other.ifindex)
             })
         })
-        .max_by_key(|(_, stats)| stats.last_seen_ns)
+        // Stamps are good to the kernel side's coarse clock (50 ms): two
+        // paths seen within one tick tie, and a tie is broken the same way
+        // in every report, whatever order the map was read in.
+        .max_by_key(|(key, stats)| (stats.last_seen_ns, key.ifindex, key.mark))
         .copied()
     else {
         return PathFacts::None;
@@ -461,7 +464,7 @@ fn observed_table(routes: &HashMap<RouteKey, RouteStats>, slot: u32, path: &Path
         .filter(|(key, stats)| {
             key.peer == slot && key.mark == path.mark && stats.error == 0 && stats.result_ifindex == path.ifindex
         })
-        .max_by_key(|(_, stats)| stats.last_seen_ns)
+        .max_by_key(|(key, stats)| (stats.last_seen_ns, key.table))
         .map(|(key, _)| key.table)
 }
 

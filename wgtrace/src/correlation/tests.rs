@@ -234,6 +234,24 @@ fn after_the_fix_the_newest_path_wins() {
 }
 
 #[test]
+fn paths_seen_within_one_clock_tick_give_the_same_verdict_whatever_the_read_order() {
+    // The kernel side stamps paths with a coarse clock: the broken and the
+    // fixed path of one moment tie. Every order of reading must agree.
+    let tied = [path(WG0, WG1, 0, 100), path(C0, WG1, MARK, 100)];
+    let routes = [lookup(MARK, 0, WG0, 100), lookup(254, MARK, C0, 100), lookup(253, MARK, C0, 100)];
+    let first = wg1_report(&tied, &routes, &lab_routing());
+    let first = first.transport.unwrap();
+    for _ in 0..20 {
+        // Each HashMap built in wg1_report has a seed of its own.
+        let transport = wg1_report(&[tied[1], tied[0]], &routes, &lab_routing()).transport.unwrap();
+        assert_eq!(
+            (transport.egress_interface.as_str(), transport.mark, transport.route_table),
+            (first.egress_interface.as_str(), first.mark, first.route_table)
+        );
+    }
+}
+
+#[test]
 fn marked_but_still_nested_gets_its_endpoint_set_again_not_another_rule() {
     // wg1 got the mark, so routing sends it out via c0, but wireguard-go
     // still sends from the source it last received on, inside wg0.

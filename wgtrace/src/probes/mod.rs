@@ -15,7 +15,7 @@ use crate::topology::{Implementation, Topology};
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePoint, tp_btf::BtfTracePointLinkId},
 };
 use peers::{PeerId, PeerSlots};
@@ -25,6 +25,8 @@ use wgtrace_common::{
     PathKey, PathStats, PeerKey, PlaintextEvent, RouteEvent, RouteKey, RouteStats, TUNNEL_KERNEL, TUNNEL_USERSPACE,
     TransmitEvent,
 };
+
+mod clock;
 
 /// A hook wgtrace wants, and what it is for when it is missing.
 struct Hook {
@@ -83,6 +85,8 @@ pub enum Event {
 pub struct Tracer {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
+    /// `COARSE_CLOCK`, until [`Self::keep_clock`] hands it to its thread.
+    coarse_clock: Option<Array<MapData, u64>>,
     pub hooks: Vec<HookStatus>,
     /// The active hooks' links: attached from start to finish, so every
     /// packet is traced.
@@ -119,6 +123,9 @@ impl Tracer {
         let aya_btf = aya::Btf::from_sys_fs().context("loading the kernel's BTF for aya")?;
         let mut ebpf =
             loader.override_global("KERNEL_OFFSETS", &kernel_offsets, true).load(object).map_err(explain_load_error)?;
+        // Set before anything is attached: the first packet reads it.
+        let mut coarse_clock = Array::try_from(ebpf.take_map("COARSE_CLOCK").context("COARSE_CLOCK map missing")?)?;
+        clock::tick(&mut coarse_clock)?;
 
         let mut hooks = Vec::new();
         let mut links = Vec::new();
@@ -149,6 +156,7 @@ impl Tracer {
         Ok(Self {
             ebpf,
             events,
+            coarse_clock: Some(coarse_clock),
             hooks,
             links,
             peers: PeerSlots::default(),
@@ -156,6 +164,15 @@ impl Tracer {
             peers_generation: 0,
             path_readings: paths::Monotonic::default(),
         })
+    }
+
+    /// Keeps the kernel side's coarse clock current from a thread of its
+    /// own, until the process ends (see [`clock`]); the receiver hears if it
+    /// stops. Called once, after any privilege drop, so the thread holds no
+    /// more than the rest.
+    pub fn keep_clock(&mut self) -> Result<tokio::sync::oneshot::Receiver<anyhow::Error>> {
+        let map = self.coarse_clock.take().context("the coarse clock is already kept")?;
+        clock::spawn(map)
     }
 
     /// Detaches every program; the maps stay readable for the last report.
