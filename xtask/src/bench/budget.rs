@@ -59,10 +59,14 @@ fn ratio_line(results: &Results, what: String, minimum: f64, value: impl Fn(&Blo
     .with_floor(format!("{}%", show(&floor, 100.0, 1)), median(&floor).map(|m| m >= minimum))
 }
 
+/// Share of one core (in %) a program took: ns per run × runs per second.
+pub(super) fn cpu_share(cost: &Cost) -> f64 {
+    cost.ns_per_run.map_or(0.0, |ns| ns * cost.runs_per_second / 1e7)
+}
+
 /// Share of one core that a block's programs took in its cost window.
 pub(super) fn bpf_cpu_percent(block: &Block) -> Option<f64> {
-    (!block.costs.is_empty())
-        .then(|| block.costs.values().map(|c| c.ns_per_run.unwrap_or(0.0) * c.runs_per_second / 1e7).sum())
+    (!block.costs.is_empty()).then(|| block.costs.values().map(cpu_share).sum())
 }
 
 pub(super) fn budget(results: &Results) -> Vec<BudgetLine> {

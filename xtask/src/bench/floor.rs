@@ -11,15 +11,20 @@
 
 use anyhow::{Context as _, Result};
 
+use super::WGTRACE_PROGRAMS;
+
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
-/// `union bpf_attr`, as big as any kernel since 4.x reads for these commands
-/// (the rest stays zero, which the kernel requires).
+/// The leading part of `union bpf_attr` these commands need (the kernel
+/// treats the attributes past the size it is given as zero).
 const ATTR_SIZE: usize = 128;
 
-/// `r0 = 0; exit`: BPF_ALU64 | BPF_MOV | BPF_K with r0 and imm 0, then BPF_JMP | BPF_EXIT.
-const EMPTY_PROGRAM: [u64; 2] = [0xb7, 0x95];
+/// `r0 = 0; exit`: BPF_ALU64 | BPF_MOV | BPF_K with r0 and imm 0, then
+/// BPF_JMP | BPF_EXIT, each instruction one u64 with the opcode in its
+/// lowest byte (so little-endian only).
+#[cfg(target_endian = "little")]
+static EMPTY_PROGRAM: [u64; 2] = [0xb7, 0x95];
 
 fn bpf(command: libc::c_long, attr: &mut [u8; ATTR_SIZE]) -> std::io::Result<i32> {
     // SAFETY: `attr` is a zero-padded bpf_attr of ATTR_SIZE bytes for `command`.
@@ -71,8 +76,6 @@ pub(super) fn label(name: &str) -> String {
     let hook = WGTRACE_PROGRAMS.iter().find(|hook| !name.is_empty() && hook.starts_with(name)).copied();
     format!("empty {}", hook.unwrap_or(name))
 }
-
-use super::WGTRACE_PROGRAMS;
 
 #[cfg(test)]
 mod tests {

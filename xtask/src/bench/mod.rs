@@ -2,8 +2,8 @@
 //! off, side by side with a bpftrace baseline, checked against the overhead
 //! budget and written to BENCHMARKS.md.
 //!
-//! One invocation alternates the conditions (untraced, wgtrace, bpftrace)
-//! load by load, round after round, so each ratio compares measurements
+//! One invocation alternates the conditions (untraced, wgtrace, bpftrace,
+//! and empty programs on wgtrace's hooks: the floor) load by load, round after round, so each ratio compares measurements
 //! taken seconds apart on the same, possibly shared and noisy, machine.
 //! Tables give the median over rounds with min–max. Per round:
 //!
@@ -24,8 +24,9 @@
 //! flows, 40 000 handshake-shaped pairs) with RSS before and after; then a
 //! second lab with trixie's wireguard-go (UDP GSO) for a second set of TCP
 //! loads. By concern: `rounds` (plan and rounds), `scaling`, `tracer`
-//! (tracer processes), `traffic`, `procfs` (kernel and procfs readings),
-//! `session` (the lab lock), `render` (statistics and the report).
+//! (tracer processes), `floor` (the empty programs), `traffic`, `procfs`
+//! (kernel and procfs readings), `session` (the lab lock), `budget` (the
+//! budget's lines), `render` (statistics and the report).
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -203,8 +203,9 @@ pub(super) fn render(results: &Results) -> String {
          peak RSS on the worst round; program costs on the medians of the same benchmark run. The floor column \
          is the same line measured with a program that does nothing (`r0 = 0; exit`) on each of wgtrace's \
          hooks, in the same rounds: the kernel's dispatch of a tracepoint program (and, for ns per run and BPF \
-         CPU, bpf_stats' own clock read), which any tracer on those hooks pays. \"empty programs miss it too\" \
-         marks a line no program on these hooks can meet on this machine.\n"
+         CPU, bpf_stats' own clock read), which any tracer on those hooks pays; lines the floor does not apply to \
+         show –. \"empty programs miss it too\" marks a line that a program doing nothing missed as well, in \
+         these rounds.\n"
     );
 
     let _ = writeln!(w, "## Throughput\n");
@@ -331,11 +332,9 @@ pub(super) fn render(results: &Results) -> String {
     }
     programs
         .extend(others.into_iter().map(|(k, n)| (if k == 0 { Condition::Wgtrace } else { Condition::Bpftrace }, n)));
-    // ns per run × runs per second: the share of a core the program took.
-    let share = |c: &Cost| c.ns_per_run.map_or(0.0, |ns| ns * c.runs_per_second / 1e7);
     for (condition, program) in &programs {
         let runs = results.values(*condition, |b| b.costs.get(program).map(|c| c.runs_per_second));
-        let cpu = results.values(*condition, |b| b.costs.get(program).map(share));
+        let cpu = results.values(*condition, |b| b.costs.get(program).map(cpu_share));
         let label = if *condition == Condition::Wgtrace { format!("wgtrace {program}") } else { program.clone() };
         let label = if program == BASELINE { format!("{label} (baseline)") } else { label };
         let cost = show(&results.cost(*condition, program), 1.0, 0);

@@ -1,5 +1,5 @@
-//! The tracer processes: wgtrace and the bpftrace baseline, started,
-//! waited for and stopped; background helpers.
+//! The tracer processes: wgtrace, the bpftrace baseline and the floor's
+//! empty programs, started, waited for and stopped; background helpers.
 
 #[allow(unused_imports)]
 use super::*;
