@@ -76,8 +76,14 @@ impl Session {
         let mut topology = topology;
         self.speakers.add_to(&mut topology);
         self.topology = topology;
-        self.latency.set_topology(&self.topology);
-        self.tracer.set_tunnel_devices(&self.topology)
+        // The tracer's peer slots first: they say which absent peers only
+        // just vanished.
+        let written = self.tracer.set_tunnel_devices(&self.topology);
+        let tracer = &self.tracer;
+        self.latency.set_topology(&self.topology, |(netns, ifindex), public_key| {
+            tracer.has_slot(&crate::probes::peers::PeerId { netns, ifindex, public_key: public_key.to_owned() })
+        });
+        written
     }
 
     fn drain_events(&mut self) {

@@ -81,7 +81,12 @@ impl LatencyTracker {
         }
     }
 
-    pub fn set_topology(&mut self, topology: &Topology) {
+    /// `recently_known` says whether a peer absent from `topology` still
+    /// has a slot (it vanished within the grace the kernel side keeps its
+    /// slot for): a peer removed and added back (`wg set ... remove`, a
+    /// `syncconf`), caught absent by one discovery, keeps its handshake
+    /// history.
+    pub fn set_topology(&mut self, topology: &Topology, recently_known: impl Fn(Device, &str) -> bool) {
         self.peers_of_device = topology
             .tunnels
             .iter()
@@ -95,15 +100,16 @@ impl LatencyTracker {
                 ((t.netns, t.ifindex), peers)
             })
             .collect();
-        // Histograms exist only for peers that still exist: memory follows
-        // the topology, never the traffic.
+        // Histograms exist only for peers that still exist (or, briefly,
+        // just vanished): memory follows the topology, never the traffic.
         let known: std::collections::HashSet<(Device, &str)> = topology
             .tunnels
             .iter()
             .flat_map(|t| t.device.iter().flat_map(move |d| d.peers.iter().map(move |p| ((t.netns, t.ifindex), p))))
             .map(|(device, p)| (device, p.public_key.as_str()))
             .collect();
-        self.handshake.retain(|(device, key), _| known.contains(&(*device, key.as_str())));
+        self.handshake
+            .retain(|(device, key), _| known.contains(&(*device, key.as_str())) || recently_known(*device, key));
         let devices = &self.peers_of_device;
         self.inner.retain(|(device, _), _| devices.contains_key(device));
         self.transmit.retain(|device, _| devices.contains_key(device));
@@ -329,6 +335,21 @@ mod tests {
         let s = t.handshake_rtt((7, 3), "wg1-peer").unwrap().summary();
         assert_eq!(s.count, 1);
         assert!((41_900..=42_100).contains(&s.p50), "timed from the first sighting: {s:?}");
+    }
+
+    #[test]
+    fn a_peer_caught_absent_by_one_discovery_keeps_its_handshake_history() {
+        let mut t = LatencyTracker::new();
+        let peer = ((7, 3), "wg1-peer");
+        t.on_handshake(peer, &handshake(MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS, 5, 0));
+        t.on_handshake(peer, &handshake(MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS, 5, 42));
+        // A discovery between `wg set ... remove` and the re-add: the peer
+        // still has its slot.
+        t.set_topology(&Topology::default(), |device, key| (device, key) == peer);
+        assert_eq!(t.handshake_rtt((7, 3), "wg1-peer").map(|h| h.summary().count), Some(1));
+        // Gone for good (its slot too): its history goes.
+        t.set_topology(&Topology::default(), |_, _| false);
+        assert!(t.handshake_rtt((7, 3), "wg1-peer").is_none());
     }
 
     #[test]

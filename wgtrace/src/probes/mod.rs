@@ -241,6 +241,12 @@ impl Tracer {
         self.peers.slot(peer)
     }
 
+    /// Whether a peer has a slot: it exists, or vanished within the grace
+    /// its slot is kept for.
+    pub fn has_slot(&self, peer: &PeerId) -> bool {
+        self.peers.has_slot(peer)
+    }
+
     /// The peer behind a slot named by an event.
     pub fn peer_of_slot(&self, slot: u32) -> Option<&PeerId> {
         self.peers.peer(slot)

@@ -108,6 +108,11 @@ impl PeerSlots {
         self.slots.get(peer).copied()
     }
 
+    /// Present, or vanished within [`VANISHED_GRACE`].
+    pub fn has_slot(&self, peer: &PeerId) -> bool {
+        self.slots.contains_key(peer) || self.vanished.contains_key(peer)
+    }
+
     pub fn peer(&self, slot: u32) -> Option<&PeerId> {
         self.by_slot.get(&slot)
     }
