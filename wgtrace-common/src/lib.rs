@@ -434,3 +434,22 @@ mod pod {
     unsafe impl aya::Pod for TransmitOrigin {}
     unsafe impl aya::Pod for CandidateKey {}
 }
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    /// The kernel side builds these keys from words (no memset); this pins
+    /// the layout that relies on.
+    #[test]
+    fn keys_built_from_words_are_the_fields() {
+        assert_eq!((core::mem::size_of::<PathKey>(), core::mem::offset_of!(PathKey, direction)), (16, 12));
+        // SAFETY: as in the kernel side's `path_key`.
+        let key: PathKey = unsafe { core::mem::transmute::<[u32; 4], PathKey>([7, 3, 51820, DIR_INGRESS as u32]) };
+        assert_eq!(key, PathKey { peer: 7, ifindex: 3, mark: 51820, direction: DIR_INGRESS, _pad: [0; 3] });
+        assert_eq!((core::mem::size_of::<PeerKey>(), core::mem::offset_of!(PeerKey, remote)), (28, 12));
+        // SAFETY: as in the kernel side's `address_bytes`.
+        let remote: [u8; 16] = unsafe { core::mem::transmute([u32::from_ne_bytes([192, 0, 2, 200]), 0, 0, 0]) };
+        assert_eq!(remote, [192, 0, 2, 200, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+}

@@ -166,6 +166,25 @@ fn coarse_now() -> u64 {
     }
 }
 
+/// An address from its four words. A zeroed byte array (`[0u8; 16]`, then
+/// the address copied in) compiles to a call of the linked `memset`, a byte
+/// loop of dozens of instructions, on every packet past the gate; words
+/// are a few stores.
+#[inline(always)]
+fn address_bytes(words: [u32; 4]) -> [u8; 16] {
+    // SAFETY: same size, and every bit pattern is valid for both.
+    unsafe { core::mem::transmute(words) }
+}
+
+/// A `PathKey` from words, for the same reason: `direction` and its three
+/// zero padding bytes are one little-endian word.
+#[inline(always)]
+fn path_key(peer: u32, ifindex: u32, mark: u32, direction: u8) -> PathKey {
+    // SAFETY: `PathKey` is repr(C), 16 bytes of integers without implicit
+    // padding, valid for any bits; the layout test in wgtrace-common pins it.
+    unsafe { core::mem::transmute::<[u32; 4], PathKey>([peer, ifindex, mark, direction as u32]) }
+}
+
 #[inline(always)]
 fn count(slot: u32) {
     if let Some(counter) = COUNTERS.get_ptr_mut(slot) {

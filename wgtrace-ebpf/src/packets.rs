@@ -144,7 +144,7 @@ fn inspect_and_count(skb: *const u8, dev: *const u8, direction: u8, header: &mut
 fn inspect_packet(skb: *const u8, dev: *const u8, direction: u8, header: &mut Header) -> Result<(), Forged> {
     let ethertype: u16 = load(skb, offset!(skb_protocol));
     let l3 = network_header(skb, direction);
-    let mut remote = [0u8; 16];
+    let remote;
     let (family, protocol, ip_length, first_fragment, l4, l4_at) = if ethertype == ETH_P_IP_RAW {
         let bytes = &header.0;
         let ihl = ((bytes[0] & 0x0f) as usize) * 4;
@@ -153,7 +153,8 @@ fn inspect_packet(skb: *const u8, dev: *const u8, direction: u8, header: &mut He
             return Ok(());
         }
         let remote_at = if direction == DIR_EGRESS { 16 } else { 12 };
-        remote[..4].copy_from_slice(&bytes[remote_at..remote_at + 4]);
+        let address = [bytes[remote_at], bytes[remote_at + 1], bytes[remote_at + 2], bytes[remote_at + 3]];
+        remote = address_bytes([u32::from_ne_bytes(address), 0, 0, 0]);
         let (protocol, ip_length) = (bytes[9], u16::from_be_bytes([bytes[2], bytes[3]]) as u32);
         let first_fragment = bytes[6] & 0x20 != 0;
         let l4 = l3.wrapping_add(ihl);
@@ -175,7 +176,8 @@ fn inspect_packet(skb: *const u8, dev: *const u8, direction: u8, header: &mut He
             return Ok(());
         }
         let remote_at = if direction == DIR_EGRESS { 24 } else { 8 };
-        remote.copy_from_slice(&bytes[remote_at..remote_at + 16]);
+        let word = |at: usize| u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        remote = address_bytes([word(remote_at), word(remote_at + 4), word(remote_at + 8), word(remote_at + 12)]);
         let ip_length = 40 + u16::from_be_bytes([bytes[4], bytes[5]]) as u32;
         (AF_INET6, bytes[6], ip_length, false, l3.wrapping_add(40), 40)
     };
@@ -248,13 +250,7 @@ fn on_udp(packet: &Packet) -> Result<(), Forged> {
         None => 0,
     };
     let ifindex: u32 = load(packet.dev, offset!(net_device_ifindex));
-    let key = PathKey {
-        peer: slot,
-        ifindex,
-        mark: load(packet.skb, offset!(skb_mark)),
-        direction: packet.direction,
-        _pad: [0; 3],
-    };
+    let key = path_key(slot, ifindex, load(packet.skb, offset!(skb_mark)), packet.direction);
     let (packets, bytes) = wire_counts(packet, udp_length);
     // Coarse: a path's last use and a way's quiet second need no more.
     let now = coarse_now();
@@ -375,7 +371,7 @@ pub(crate) fn flush_pending(way: *mut PeerCacheEntry, direction: u8) {
     unsafe {
         let pending = &mut (*way).pending;
         pending.flushes += 1;
-        let key = PathKey { peer: (*way).slot, ifindex: pending.ifindex, mark: pending.mark, direction, _pad: [0; 3] };
+        let key = path_key((*way).slot, pending.ifindex, pending.mark, direction);
         // Evicted meanwhile (a host with more paths than the map): the
         // counts start it again.
         if !add_to_paths(&key, &pending.stats) && PATHS.insert(&key, &pending.stats, 0).is_err() {

@@ -44,15 +44,14 @@ pub(crate) fn on_fib4_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
         // current, and a tunnel's own decisions are output lookups.
         return Ok(());
     };
-    let mut peer = PeerKey {
+    let peer = PeerKey {
         netns,
         family: AF_INET,
         local_port: sport,
         remote_port: u16::from_be(load(flow, offset!(flowi4_dport))),
-        ..PeerKey::default()
+        _pad: 0,
+        remote: address_bytes([load(flow, offset!(flowi4_daddr)), 0, 0, 0]),
     };
-    let daddr = load::<u32>(flow, offset!(flowi4_daddr)).to_ne_bytes();
-    peer.remote[..4].copy_from_slice(&daddr);
     let Some(slot) = peer_slot(&peer, PEER_CACHE_FIB4) else {
         return Ok(());
     };
@@ -80,8 +79,8 @@ pub(crate) fn on_fib6_lookup(ctx: &BtfTracePointContext) -> Result<(), ()> {
         family: AF_INET6,
         local_port: sport,
         remote_port: u16::from_be(load(flow, offset!(flowi6_dport))),
+        _pad: 0,
         remote: read(flow, offset!(flowi6_daddr))?,
-        ..PeerKey::default()
     };
     let Some(slot) = peer_slot(&peer, PEER_CACHE_FIB6) else {
         return Ok(());
