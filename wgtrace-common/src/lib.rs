@@ -435,21 +435,43 @@ mod pod {
     unsafe impl aya::Pod for CandidateKey {}
 }
 
+/// An address (`PeerKey::remote`) from its four words, each as it lies in
+/// memory (`u32::from_ne_bytes` of the packet's bytes). The kernel side
+/// builds keys this way: a zeroed byte array with the address copied in
+/// compiles to a call of the linked `memset`, a byte loop of dozens of
+/// instructions, on every packet past the gate.
+#[inline(always)]
+pub fn address_bytes(words: [u32; 4]) -> [u8; 16] {
+    // SAFETY: same size, and every bit pattern is valid for both.
+    unsafe { core::mem::transmute(words) }
+}
+
+/// A `PathKey` from words, for the same reason: `direction` and its three
+/// zero padding bytes are one word, every byte of it set.
+#[inline(always)]
+pub fn path_key(peer: u32, ifindex: u32, mark: u32, direction: u8) -> PathKey {
+    let last = u32::from_ne_bytes([direction, 0, 0, 0]);
+    // SAFETY: `PathKey` is repr(C), 16 bytes of integers without implicit
+    // padding (the test below pins it), valid for any bits.
+    unsafe { core::mem::transmute::<[u32; 4], PathKey>([peer, ifindex, mark, last]) }
+}
+
 #[cfg(test)]
 mod layout_tests {
     use super::*;
 
-    /// The kernel side builds these keys from words (no memset); this pins
-    /// the layout that relies on.
     #[test]
     fn keys_built_from_words_are_the_fields() {
         assert_eq!((core::mem::size_of::<PathKey>(), core::mem::offset_of!(PathKey, direction)), (16, 12));
-        // SAFETY: as in the kernel side's `path_key`.
-        let key: PathKey = unsafe { core::mem::transmute::<[u32; 4], PathKey>([7, 3, 51820, DIR_INGRESS as u32]) };
+        let key = path_key(7, 3, 51820, DIR_INGRESS);
         assert_eq!(key, PathKey { peer: 7, ifindex: 3, mark: 51820, direction: DIR_INGRESS, _pad: [0; 3] });
+        // 28 bytes, no implicit padding: also what `peer_way` compares as
+        // seven words.
         assert_eq!((core::mem::size_of::<PeerKey>(), core::mem::offset_of!(PeerKey, remote)), (28, 12));
-        // SAFETY: as in the kernel side's `address_bytes`.
-        let remote: [u8; 16] = unsafe { core::mem::transmute([u32::from_ne_bytes([192, 0, 2, 200]), 0, 0, 0]) };
-        assert_eq!(remote, [192, 0, 2, 200, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let words = [0x0102_0304, 0x0506_0708, 0x090a_0b0c, 0x0d0e_0f10u32];
+        let bytes = address_bytes(words);
+        for (i, word) in words.iter().enumerate() {
+            assert_eq!(bytes[i * 4..i * 4 + 4], word.to_ne_bytes(), "word {i} in place");
+        }
     }
 }

@@ -43,7 +43,7 @@ use wgtrace_common::{
     PLAINTEXT_SYN, PLAINTEXT_SYN_ACK, PORT_BITMAP_SLOTS, PacketEvent, PathKey, PathStats, PeerCacheEntry, PeerKey,
     PlaintextEvent, RING_BUFFER_BYTES, ROUTE_MAP_ENTRIES, RouteEvent, RouteKey, RouteStats, SOCK_RAW,
     TRANSMIT_BY_LENGTH, TRANSMIT_BY_SKB, TRANSMIT_PENDING_ENTRIES, TUNNEL_DEVICE_ENTRIES, TUNNEL_KERNEL, TransmitEvent,
-    TransmitKey, TransmitOrigin, ciphertext_length,
+    TransmitKey, TransmitOrigin, address_bytes, ciphertext_length, path_key,
     wire::{self, HEADER_PREFIX_LEN},
 };
 
@@ -164,25 +164,6 @@ fn coarse_now() -> u64 {
         Some(now) => *now,
         None => 0,
     }
-}
-
-/// An address from its four words. A zeroed byte array (`[0u8; 16]`, then
-/// the address copied in) compiles to a call of the linked `memset`, a byte
-/// loop of dozens of instructions, on every packet past the gate; words
-/// are a few stores.
-#[inline(always)]
-fn address_bytes(words: [u32; 4]) -> [u8; 16] {
-    // SAFETY: same size, and every bit pattern is valid for both.
-    unsafe { core::mem::transmute(words) }
-}
-
-/// A `PathKey` from words, for the same reason: `direction` and its three
-/// zero padding bytes are one little-endian word.
-#[inline(always)]
-fn path_key(peer: u32, ifindex: u32, mark: u32, direction: u8) -> PathKey {
-    // SAFETY: `PathKey` is repr(C), 16 bytes of integers without implicit
-    // padding, valid for any bits; the layout test in wgtrace-common pins it.
-    unsafe { core::mem::transmute::<[u32; 4], PathKey>([peer, ifindex, mark, direction as u32]) }
 }
 
 #[inline(always)]

@@ -81,7 +81,11 @@ impl Session {
         let written = self.tracer.set_tunnel_devices(&self.topology);
         let tracer = &self.tracer;
         self.latency.set_topology(&self.topology, |(netns, ifindex), public_key| {
-            tracer.has_slot(&crate::probes::peers::PeerId { netns, ifindex, public_key: public_key.to_owned() })
+            tracer.present_or_in_grace(&crate::probes::peers::PeerId {
+                netns,
+                ifindex,
+                public_key: public_key.to_owned(),
+            })
         });
         written
     }

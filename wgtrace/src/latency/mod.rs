@@ -33,6 +33,11 @@ use crate::topology::{Topology, prefix_contains};
 /// How many unanswered requests (and handshakes) are remembered.
 const PENDING_CAPACITY: usize = 8192;
 
+/// Histograms kept for peers absent from the topology but within their
+/// slot's grace: a few, for a peer removed and added back, never one per
+/// peer a daemon could invent and drop (each histogram is ~136 KiB).
+const MAX_ABSENT_PEER_HISTOGRAMS: usize = 16;
+
 fn address(family: u16, bytes: &[u8; 16]) -> IpAddr {
     if family == AF_INET { IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]) } else { IpAddr::from(*bytes) }
 }
@@ -82,10 +87,10 @@ impl LatencyTracker {
     }
 
     /// `recently_known` says whether a peer absent from `topology` still
-    /// has a slot (it vanished within the grace the kernel side keeps its
-    /// slot for): a peer removed and added back (`wg set ... remove`, a
+    /// has its slot (it vanished within the grace userspace keeps slots
+    /// for): a peer removed and added back (`wg set ... remove`, a
     /// `syncconf`), caught absent by one discovery, keeps its handshake
-    /// history.
+    /// and inner RTT history ([`MAX_ABSENT_PEER_HISTOGRAMS`] at most).
     pub fn set_topology(&mut self, topology: &Topology, recently_known: impl Fn(Device, &str) -> bool) {
         self.peers_of_device = topology
             .tunnels
@@ -108,10 +113,19 @@ impl LatencyTracker {
             .flat_map(|t| t.device.iter().flat_map(move |d| d.peers.iter().map(move |p| ((t.netns, t.ifindex), p))))
             .map(|(device, p)| (device, p.public_key.as_str()))
             .collect();
-        self.handshake
-            .retain(|(device, key), _| known.contains(&(*device, key.as_str())) || recently_known(*device, key));
+        let mut absent = 0;
+        let mut keep = |device: Device, key: &str| {
+            known.contains(&(device, key))
+                || (recently_known(device, key) && {
+                    absent += 1;
+                    absent <= MAX_ABSENT_PEER_HISTOGRAMS
+                })
+        };
+        self.handshake.retain(|(device, key), _| keep(*device, key));
         let devices = &self.peers_of_device;
-        self.inner.retain(|(device, _), _| devices.contains_key(device));
+        // Inner RTT samples whose remote no peer's AllowedIPs hold are
+        // the device's own (key "").
+        self.inner.retain(|(device, key), _| devices.contains_key(device) && (key.is_empty() || keep(*device, key)));
         self.transmit.retain(|device, _| devices.contains_key(device));
         self.transmit_method.retain(|device, _| devices.contains_key(device));
     }
@@ -350,6 +364,23 @@ mod tests {
         // Gone for good (its slot too): its history goes.
         t.set_topology(&Topology::default(), |_, _| false);
         assert!(t.handshake_rtt((7, 3), "wg1-peer").is_none());
+    }
+
+    #[test]
+    fn absent_peers_keep_only_a_few_histograms() {
+        let mut t = LatencyTracker::new();
+        for peer in 0..100u32 {
+            let key = format!("peer-{peer}");
+            let mut initiation = handshake(MESSAGE_HANDSHAKE_INITIATION, DIR_EGRESS, peer, 0);
+            let mut response = handshake(MESSAGE_HANDSHAKE_RESPONSE, DIR_INGRESS, peer, 1);
+            (initiation.path.peer, response.path.peer) = (peer, peer);
+            t.on_handshake(((7, 3), &key), &initiation);
+            t.on_handshake(((7, 3), &key), &response);
+        }
+        assert_eq!(t.handshake.len(), 100);
+        // All 100 renamed away at once, all within their grace.
+        t.set_topology(&Topology::default(), |_, _| true);
+        assert_eq!(t.handshake.len(), MAX_ABSENT_PEER_HISTOGRAMS);
     }
 
     #[test]

@@ -241,10 +241,10 @@ impl Tracer {
         self.peers.slot(peer)
     }
 
-    /// Whether a peer has a slot: it exists, or vanished within the grace
-    /// its slot is kept for.
-    pub fn has_slot(&self, peer: &PeerId) -> bool {
-        self.peers.has_slot(peer)
+    /// Whether events may still name a peer: it exists, or vanished within
+    /// the grace its slot is kept for.
+    pub fn present_or_in_grace(&self, peer: &PeerId) -> bool {
+        self.peers.present_or_in_grace(peer)
     }
 
     /// The peer behind a slot named by an event.

@@ -30,10 +30,15 @@ pub struct PeerId {
 /// often comes before the next discovery would announce it.
 pub const VANISHED_GRACE: Duration = Duration::from_secs(30);
 
+/// Vanished peers that wait out their grace at once; the longest gone go
+/// first.
+pub const MAX_VANISHED: usize = PEER_MAP_ENTRIES as usize;
+
 /// Slot numbers, stable while a peer exists (so its counts continue across
 /// endpoint changes) and never reused (so a new peer never inherits an old
 /// one's paths). Bounded by the topology: a vanished peer's slot is dropped
-/// after [`VANISHED_GRACE`].
+/// after [`VANISHED_GRACE`], and at most [`MAX_VANISHED`] wait at once (a
+/// daemon that renames its peers every discovery cannot grow the table).
 #[derive(Default)]
 pub struct PeerSlots {
     slots: HashMap<PeerId, u32>,
@@ -88,6 +93,14 @@ impl PeerSlots {
             }
         }
         self.vanished.retain(|_, (_, _, since)| now.duration_since(*since) < VANISHED_GRACE);
+        if self.vanished.len() > MAX_VANISHED {
+            let mut by_age: Vec<(Instant, PeerId)> =
+                self.vanished.iter().map(|(id, (_, _, since))| (*since, id.clone())).collect();
+            by_age.sort_by_key(|(since, _)| *since);
+            for (_, id) in by_age.into_iter().take(self.vanished.len() - MAX_VANISHED) {
+                self.vanished.remove(&id);
+            }
+        }
         for (slot, key, _) in self.vanished.values() {
             if let Some(key) = key
                 && wanted.len() < PEER_MAP_ENTRIES as usize
@@ -108,8 +121,9 @@ impl PeerSlots {
         self.slots.get(peer).copied()
     }
 
-    /// Present, or vanished within [`VANISHED_GRACE`].
-    pub fn has_slot(&self, peer: &PeerId) -> bool {
+    /// Present, or vanished within [`VANISHED_GRACE`] (as of the last
+    /// update): a slot that events may still name.
+    pub fn present_or_in_grace(&self, peer: &PeerId) -> bool {
         self.slots.contains_key(peer) || self.vanished.contains_key(peer)
     }
 
@@ -200,6 +214,7 @@ mod tests {
         assert_eq!(slots.slot(&b), None);
         assert_eq!(wanted.len(), 2, "b's key stays while it may come back");
         assert_eq!(slots.peer(slot_b), Some(&b), "events during the grace period still name b");
+        assert!(slots.present_or_in_grace(&b), "b may still come back");
         // Added back within the grace period: the same peer, same slot.
         slots.update_at(&both, start + Duration::from_secs(2));
         assert_eq!(slots.slot(&b), Some(slot_b));
@@ -208,8 +223,45 @@ mod tests {
         let wanted = slots.update_at(&only_a, start + Duration::from_secs(3) + VANISHED_GRACE);
         assert_eq!(wanted.values().copied().collect::<Vec<_>>(), vec![slot_a]);
         assert_eq!(slots.peer(slot_b), None);
+        assert!(!slots.present_or_in_grace(&b) && slots.present_or_in_grace(&a));
         slots.update_at(&both, start + Duration::from_secs(40));
         assert!(slots.slot(&b).unwrap() > slot_b, "b came back as a new peer");
+    }
+
+    #[test]
+    fn a_daemon_renaming_its_peers_every_discovery_cannot_grow_the_vanished_table() {
+        let mut slots = PeerSlots::default();
+        let start = Instant::now();
+        for round in 0..3u32 {
+            let names: Vec<String> = (0..3000).map(|i| format!("r{round}-{i}")).collect();
+            let peers: Vec<(&str, Option<&str>)> = names.iter().map(|n| (n.as_str(), None)).collect();
+            slots.update_at(&topology(vec![tunnel(7, 3, 51821, &peers)]), start + Duration::from_secs(round.into()));
+        }
+        assert_eq!(slots.vanished.len(), MAX_VANISHED);
+        // The longest gone went first: all of round 1's wait, some of round 0's.
+        let round_one = PeerId { netns: 7, ifindex: 3, public_key: "r1-0".into() };
+        assert!(slots.present_or_in_grace(&round_one));
+        assert!(slots.vanished.keys().filter(|id| id.public_key.starts_with("r0-")).count() == MAX_VANISHED - 3000);
+    }
+
+    /// The kernel side builds its keys from the packet's address words;
+    /// userspace's `PEERS` keys must be the same bytes, or no packet is
+    /// ever a known peer's.
+    #[test]
+    fn keys_match_what_the_kernel_side_builds_from_packets() {
+        let v4 = [192, 0, 2, 200];
+        let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        let from_packet =
+            |family, remote| PeerKey { netns: 9, family, local_port: 51820, remote_port: 51821, _pad: 0, remote };
+        let ipv4 = from_packet(AF_INET, wgtrace_common::address_bytes([word(&v4), 0, 0, 0]));
+        assert_eq!(ipv4, peer_key(9, 51820, "192.0.2.200:51821".parse().unwrap()));
+        let v6: std::net::Ipv6Addr = "2001:db8:e::1".parse().unwrap();
+        let o = v6.octets();
+        let ipv6 = from_packet(
+            AF_INET6,
+            wgtrace_common::address_bytes([word(&o[0..]), word(&o[4..]), word(&o[8..]), word(&o[12..])]),
+        );
+        assert_eq!(ipv6, peer_key(9, 51820, "[2001:db8:e::1]:51821".parse().unwrap()));
     }
 
     #[test]
