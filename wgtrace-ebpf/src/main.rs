@@ -152,8 +152,8 @@ fn load<T: Copy>(base: *const u8, offset: usize) -> T {
 /// The time as userspace last wrote it (every `COARSE_CLOCK_TICK_NS`,
 /// nominally), in one plain load: for a path's or a repeated route
 /// answer's last use and a way gone quiet, so that a tunnel packet or route
-/// lookup pays no clock read (on this kind of VM `bpf_ktime_get_ns` reads
-/// kvm-clock, about 40 ns a call). Userspace orders paths and route answers
+/// lookup pays no clock read (`bpf_ktime_get_ns` is a helper call and a
+/// clocksource read, dear on this kind of VM). Userspace orders paths and route answers
 /// by these stamps, so two seen within one tick tie (it breaks ties the same
 /// way every time). Event timestamps (handshakes, new paths and routes,
 /// latency samples) and a changed route answer's stamp still come from

@@ -153,6 +153,8 @@ fn inspect_packet(skb: *const u8, dev: *const u8, direction: u8, header: &mut He
             return Ok(());
         }
         let remote_at = if direction == DIR_EGRESS { 16 } else { 12 };
+        // Words built in place in each arm: one shared helper taking the
+        // buffer by reference compiled to 53 more instructions here.
         let address = [bytes[remote_at], bytes[remote_at + 1], bytes[remote_at + 2], bytes[remote_at + 3]];
         remote = address_bytes([u32::from_ne_bytes(address), 0, 0, 0]);
         let (protocol, ip_length) = (bytes[9], u16::from_be_bytes([bytes[2], bytes[3]]) as u32);

@@ -17,7 +17,7 @@ use crate::{
     correlation::{self, Observations},
     exporter::Exporter,
     latency::LatencyTracker,
-    probes::{Event, Tracer},
+    probes::{Event, Tracer, peers::PeerId},
     report::{self, Report, RouteLookups},
     topology::{Discoverer, Privileged, Scope, Topology},
 };
@@ -81,11 +81,7 @@ impl Session {
         let written = self.tracer.set_tunnel_devices(&self.topology);
         let tracer = &self.tracer;
         self.latency.set_topology(&self.topology, |(netns, ifindex), public_key| {
-            tracer.present_or_in_grace(&crate::probes::peers::PeerId {
-                netns,
-                ifindex,
-                public_key: public_key.to_owned(),
-            })
+            tracer.present_or_in_grace(&PeerId { netns, ifindex, public_key: public_key.to_owned() })
         });
         written
     }
@@ -179,7 +175,7 @@ impl Session {
         let paths = self.tracer.paths()?;
         let routes = self.tracer.routes()?;
         let slot = |netns: u64, ifindex: u32, public_key: &str| {
-            self.tracer.peer_slot(&crate::probes::peers::PeerId { netns, ifindex, public_key: public_key.to_owned() })
+            self.tracer.peer_slot(&PeerId { netns, ifindex, public_key: public_key.to_owned() })
         };
         let seen = Observations { paths: &paths, routes: &routes, slot: &slot };
         self.routes.refresh(&self.topology);
@@ -203,7 +199,7 @@ impl Session {
     }
 }
 
-fn set_last_handshake(topology: &mut Topology, peer: &crate::probes::peers::PeerId, at: u64) {
+fn set_last_handshake(topology: &mut Topology, peer: &PeerId, at: u64) {
     let tunnel = topology.tunnels.iter_mut().find(|t| t.netns == peer.netns && t.ifindex == peer.ifindex);
     if let Some(found) = tunnel
         .and_then(|t| t.device.as_mut())
